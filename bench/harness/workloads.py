@@ -1,0 +1,317 @@
+"""The measurements. Each runs the same workload against every target, interleaved in rounds
+so that a noisy neighbour on the shared machine hits all targets alike."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import procs
+from .session import BenchError, KernelKind, Session, Target
+
+STAGES = ("rtt", "output", "interrupt", "relay", "start", "idle")
+
+
+@dataclass
+class Params:
+    rtt_warmup: int = 30
+    rtt_runs: int = 300
+    rounds: int = 3
+    lines: int = 5000
+    flood_messages: int = 100_000
+    single_starts: int = 3
+    concurrent: int = 20
+    interrupts: int = 10
+    idle_seconds: float = 60.0
+
+    @classmethod
+    def quick(cls) -> Params:
+        return cls(rtt_warmup=10, rtt_runs=60, rounds=1, lines=1000, flood_messages=20_000,
+                   single_starts=1, concurrent=5, interrupts=3, idle_seconds=5.0)  # fmt: skip
+
+
+@dataclass
+class Results:
+    params: Params
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def put(self, metric: str, target: str, value: Any) -> None:
+        self.metrics.setdefault(metric, {})[target] = value
+
+    def detail(self, stage: str, target: str, value: Any) -> None:
+        self.details.setdefault(stage, {})[target] = value
+
+    def error(self, target: str, stage: str, exc: BaseException) -> None:
+        text = f"{type(exc).__name__}: {exc}"
+        self.errors.setdefault(target, {})[stage] = text
+        print(f"  ! {target} {stage}: {text}", flush=True)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"params": asdict(self.params), "metrics": self.metrics,
+                "details": self.details, "errors": self.errors}  # fmt: skip
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+class Bench:
+    def __init__(self, targets: list[Target], params: Params, results: Results) -> None:
+        self.targets = targets
+        self.p = params
+        self.r = results
+
+    async def guarded(self, target: Target, stage: str, fn: Callable[[], Awaitable[None]]) -> bool:
+        try:
+            await fn()
+            return True
+        except Exception as exc:
+            self.r.error(target.name, stage, exc)
+            return False
+
+    async def open_all(self, kind: KernelKind, stage: str) -> dict[str, Session]:
+        sessions: dict[str, Session] = {}
+        for t in self.targets:
+
+            async def open_one(t: Target = t) -> None:
+                sessions[t.name] = await asyncio.wait_for(t.open_session(kind), 120)
+
+            await self.guarded(t, stage, open_one)
+        return sessions
+
+    @staticmethod
+    async def close_all(sessions: dict[str, Session]) -> None:
+        await asyncio.gather(*(s.close() for s in sessions.values()), return_exceptions=True)
+
+    # -- execute round trip, flushed output, interrupt (one ipykernel per target) ---------------
+    async def kernel_stages(self, stages: set[str]) -> None:
+        print("* ipykernel sessions", flush=True)
+        sessions = await self.open_all("ipykernel", "ipykernel-session")
+        try:
+            if "rtt" in stages:
+                await self.rtt(sessions)
+            if "output" in stages:
+                await self.output(sessions)
+            if "interrupt" in stages:
+                await self.interrupt(sessions)
+        finally:
+            await self.close_all(sessions)
+
+    async def rtt(self, sessions: dict[str, Session]) -> None:
+        print(f"* execute round trip: {self.p.rtt_runs} runs of 1+1", flush=True)
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        failed: set[str] = set()
+        for name, s in sessions.items():
+            try:
+                for _ in range(self.p.rtt_warmup):
+                    await s.execute("1+1", timeout=30)
+            except BenchError as exc:
+                failed.add(name)
+                self.r.error(name, "rtt", exc)
+        per_round = max(1, self.p.rtt_runs // self.p.rounds)
+        for _ in range(self.p.rounds):
+            for name, s in sessions.items():
+                if name in failed:
+                    continue
+                try:
+                    for _ in range(per_round):
+                        t0 = time.perf_counter()
+                        await s.execute("1+1", timeout=30)
+                        times[name].append(time.perf_counter() - t0)
+                except BenchError as exc:
+                    failed.add(name)
+                    self.r.error(name, "rtt", exc)
+        for name, ts in times.items():
+            if ts and name not in failed:
+                self.r.put("rtt_median_ms", name, statistics.median(ts) * 1e3)
+                self.r.put("rtt_p99_ms", name, percentile(ts, 99) * 1e3)
+                self.r.detail("rtt", name, {"runs": len(ts), "min_ms": min(ts) * 1e3,
+                                            "mean_ms": statistics.fmean(ts) * 1e3})  # fmt: skip
+
+    async def output(self, sessions: dict[str, Session]) -> None:
+        n = self.p.lines
+        print(f"* flushed output: {n} lines, print(i, flush=True)", flush=True)
+        code = f"for i in range({n}):\n    print(i, flush=True)"
+        expected = "".join(f"{i}\n" for i in range(n))
+        rates: dict[str, list[float]] = {name: [] for name in sessions}
+        ordered: dict[str, bool] = dict.fromkeys(sessions, True)
+        msgs: dict[str, list[int]] = {name: [] for name in sessions}
+        for _ in range(self.p.rounds):
+            for name, s in sessions.items():
+                try:
+                    t0 = time.perf_counter()
+                    c = await s.execute(code, timeout=max(60.0, n / 100))
+                    dt = time.perf_counter() - t0
+                except BenchError as exc:
+                    self.r.error(name, "output", exc)
+                    ordered[name] = False
+                    continue
+                rates[name].append(c.n_stream / dt)
+                msgs[name].append(c.n_stream)
+                ordered[name] = ordered[name] and "".join(c.texts) == expected
+        for name in sessions:
+            if rates[name]:
+                self.r.put("output_msgs_per_s", name, statistics.median(rates[name]))
+                self.r.put("output_in_order", name, ordered[name])
+                self.r.detail("output", name, {"messages_per_run": msgs[name], "lines": n,
+                                               "rates": rates[name]})  # fmt: skip
+
+    async def interrupt(self, sessions: dict[str, Session]) -> None:
+        print(f"* interrupt latency: {self.p.interrupts} sleeping cells", flush=True)
+        for name, s in sessions.items():
+            lat: list[float] = []
+            replies: list[str] = []
+            try:
+                for _ in range(self.p.interrupts):
+                    c = await s.request("execute_request", {"code": "import time; time.sleep(30)",
+                                                            "silent": False})  # fmt: skip
+                    try:
+                        await asyncio.wait_for(asyncio.shield(c.busy), 10)
+                        await asyncio.sleep(0.3)  # be inside time.sleep
+                        t0 = time.perf_counter()
+                        await s.interrupt()
+                        await asyncio.wait_for(asyncio.shield(c.done), 10)
+                        lat.append(time.perf_counter() - t0)
+                    except TimeoutError:
+                        raise BenchError("no busy/idle around the interrupted cell") from None
+                    finally:
+                        s.collectors.pop(c.msg_id, None)
+                    await asyncio.sleep(0.05)
+                    replies.append(str((c.reply or {}).get("ename", (c.reply or {}).get("status"))))
+            except Exception as exc:
+                self.r.error(name, "interrupt", exc)
+                continue
+            self.r.put("interrupt_ms", name, statistics.median(lat) * 1e3)
+            self.r.detail("interrupt", name, {"latencies_ms": [x * 1e3 for x in lat],
+                                              "replies": replies})  # fmt: skip
+
+    # -- relay ceiling (flood kernel) --------------------------------------------------------
+    async def relay(self) -> None:
+        n = self.p.flood_messages
+        print(f"* relay ceiling: flood kernel, {n} stream messages", flush=True)
+        sessions = await self.open_all("flood", "relay")
+        expected = "".join(f"line {i}\n" for i in range(n))
+        try:
+            rates: dict[str, list[float]] = {name: [] for name in sessions}
+            cpu: dict[str, list[float]] = {name: [] for name in sessions}
+            client_cpu: dict[str, list[float]] = {name: [] for name in sessions}
+            delivered: dict[str, bool] = dict.fromkeys(sessions, True)
+            counts: dict[str, list[int]] = {name: [] for name in sessions}
+            targets = {t.name: t for t in self.targets}
+            for name, s in list(sessions.items()):  # warm-up
+                try:
+                    await s.execute("flood 1000", timeout=60)
+                except BenchError as exc:
+                    self.r.error(name, "relay", exc)
+                    await sessions.pop(name).close()
+            for _ in range(self.p.rounds):
+                for name, s in sessions.items():
+                    pid = targets[name].server_pid()
+                    try:
+                        cpu0 = procs.cpu_seconds(pid) if pid else 0.0
+                        own0 = time.process_time()
+                        t0 = time.perf_counter()
+                        c = await s.execute(f"flood {n}", timeout=max(120.0, n / 500))
+                        dt = time.perf_counter() - t0
+                        own1 = time.process_time()
+                        cpu1 = procs.cpu_seconds(pid) if pid else 0.0
+                    except BenchError as exc:
+                        self.r.error(name, "relay", exc)
+                        delivered[name] = False
+                        continue
+                    rates[name].append(c.n_stream / dt)
+                    counts[name].append(c.n_stream)
+                    client_cpu[name].append((own1 - own0) / max(1, c.n_stream) * 1e6)
+                    if pid:
+                        cpu[name].append((cpu1 - cpu0) / max(1, c.n_stream) * 1e6)
+                    delivered[name] = delivered[name] and "".join(c.texts) == expected
+            for name in sessions:
+                if not rates[name]:
+                    continue
+                self.r.put("relay_msgs_per_s", name, statistics.median(rates[name]))
+                self.r.put("relay_delivered", name, delivered[name])
+                if cpu[name]:
+                    self.r.put("relay_cpu_us_per_msg", name, statistics.median(cpu[name]))
+                self.r.detail("relay", name, {"messages": n, "received": counts[name],
+                                              "rates": rates[name], "server_cpu_us": cpu[name],
+                                              "client_cpu_us": client_cpu[name]})  # fmt: skip
+        finally:
+            await self.close_all(sessions)
+
+    # -- kernel start, concurrent starts, idle cost -----------------------------------------
+    async def starts(self, stages: set[str]) -> None:
+        if "start" in stages:
+            print(f"* kernel start: {self.p.single_starts} sequential", flush=True)
+            times: dict[str, list[float]] = {t.name: [] for t in self.targets}
+            for _ in range(self.p.single_starts):
+                for t in self.targets:
+
+                    async def one(t: Target = t) -> None:
+                        t0 = time.perf_counter()
+                        s = await asyncio.wait_for(t.open_session("ipykernel"), 120)
+                        times[t.name].append(time.perf_counter() - t0)
+                        await s.close()
+
+                    await self.guarded(t, "start", one)
+            for name, ts in times.items():
+                if ts:
+                    self.r.put("start_single_s", name, statistics.median(ts))
+        for t in self.targets:
+            await self.guarded(t, "concurrent", lambda t=t: self.concurrent(t, stages))
+
+    async def concurrent(self, t: Target, stages: set[str]) -> None:
+        n = self.p.concurrent
+        pid = t.server_pid()
+        print(f"* {t.name}: {n} kernels started at once", flush=True)
+        rss0 = procs.rss_bytes(pid) if pid else None
+        started: list[float] = []
+        t0 = time.perf_counter()
+
+        async def one() -> Session:
+            s = await asyncio.wait_for(t.open_session("ipykernel"), 180)
+            started.append(time.perf_counter() - t0)
+            return s
+
+        outcomes = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+        total = time.perf_counter() - t0
+        sessions = [o for o in outcomes if isinstance(o, Session)]
+        failures = [f"{type(o).__name__}: {o}" for o in outcomes if not isinstance(o, Session)]
+        try:
+            rss1 = procs.rss_bytes(pid) if pid else None
+            self.r.put("start_concurrent_total_s", t.name, total)
+            self.r.put("start_concurrent_failures", t.name, len(failures))
+            if pid:
+                self.r.put("rss_before_mb", t.name, rss0 / 2**20 if rss0 else None)
+                self.r.put("rss_after_mb", t.name, rss1 / 2**20 if rss1 else None)
+            slowest = max(started, default=None)
+            info = {"sessions": n, "failures": failures[:5], "slowest_s": slowest}
+            self.r.detail("concurrent", t.name, info)
+            if "idle" in stages and pid and sessions:
+                print(f"* {t.name}: idle cost over {self.p.idle_seconds:.0f}s, "
+                      f"{len(sessions)} sessions, clients connected", flush=True)  # fmt: skip
+                await asyncio.sleep(3)  # let start-up work settle
+                cpu0, w0 = procs.cpu_seconds(pid), time.perf_counter()
+                await asyncio.sleep(self.p.idle_seconds)
+                cpu1, w1 = procs.cpu_seconds(pid), time.perf_counter()
+                self.r.put("idle_cpu_percent", t.name, (cpu1 - cpu0) / (w1 - w0) * 100)
+                self.r.detail("idle", t.name, {"sessions": len(sessions), "window_s": w1 - w0,
+                                               "cpu_s": cpu1 - cpu0})  # fmt: skip
+        finally:
+            await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
+
+    async def run(self, stages: set[str]) -> None:
+        if stages & {"rtt", "output", "interrupt"}:
+            await self.kernel_stages(stages)
+        if "relay" in stages:
+            await self.relay()
+        if stages & {"start", "idle"}:
+            await self.starts(stages)
