@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="Jupyter Server WebSocket protocol (v1 is JupyterLab 4's)")
     p.add_argument("--interrupt-mode", choices=("signal", "message"), default="signal",
                    help="kallichore-trio session interrupt_mode")
+    p.add_argument("--profile", action="store_true",
+                   help="run py-spy on each server during one extra flood (relay stage)")
+    p.add_argument("--py-spy", help="py-spy binary (default: next to --jupyter-server-python)")
     p.add_argument("--results", default=str(HERE / "results" / "latest.json"))
     return p.parse_args(argv)  # fmt: skip
 
@@ -126,7 +129,10 @@ async def main_async(a: argparse.Namespace, work: Path) -> int:
             except Exception as exc:
                 results.error(name, "start-target", exc)
                 await candidates[name].stop()
-        await Bench(started, params, results).run(stages)
+        py_spy = None
+        if a.profile:
+            py_spy = a.py_spy or str(Path(a.jupyter_server_python).parent / "py-spy")
+        await Bench(started, params, results, py_spy, log_dir).run(stages)
     finally:
         for t in started:
             await t.stop()

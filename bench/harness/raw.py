@@ -13,7 +13,7 @@ import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
 
 from . import wire
-from .session import KernelKind, Session, Target
+from .session import BenchError, KernelKind, Session, Target
 
 SPEC = {"ipykernel": "bench-python", "flood": "bench-flood"}
 DRAIN_BATCH = 1000
@@ -64,7 +64,10 @@ class RawSession(Session):
                 await asyncio.sleep(0)
 
     def send(self, channel: str, hdr: dict[str, Any], content: dict[str, Any]) -> None:
-        self.sync[channel].send_multipart(wire.pack(self.signer, hdr, content))
+        try:  # never block the event loop: a DEALER with no live peer would wait forever
+            self.sync[channel].send_multipart(wire.pack(self.signer, hdr, content), NOBLOCK)
+        except zmq.Again:
+            raise BenchError(f"raw: {channel} socket cannot send (kernel gone?)") from None
 
     async def interrupt(self) -> None:
         await self.km.interrupt_kernel()

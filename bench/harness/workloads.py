@@ -8,9 +8,11 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import procs
+from .profile import PySpy, summarize
 from .session import BenchError, KernelKind, Session, Target
 
 STAGES = ("rtt", "output", "interrupt", "relay", "start", "idle")
@@ -65,10 +67,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class Bench:
-    def __init__(self, targets: list[Target], params: Params, results: Results) -> None:
+    def __init__(
+        self,
+        targets: list[Target],
+        params: Params,
+        results: Results,
+        py_spy: str | None = None,
+        out_dir: Path | None = None,
+    ) -> None:
         self.targets = targets
         self.p = params
         self.r = results
+        self.py_spy = py_spy
+        self.out_dir = out_dir or Path(".")
 
     async def guarded(self, target: Target, stage: str, fn: Callable[[], Awaitable[None]]) -> bool:
         try:
@@ -244,8 +255,30 @@ class Bench:
                 self.r.detail("relay", name, {"messages": n, "received": counts[name],
                                               "rates": rates[name], "server_cpu_us": cpu[name],
                                               "client_cpu_us": client_cpu[name]})  # fmt: skip
+            if self.py_spy:
+                await self.profile_relay(sessions, targets)
         finally:
             await self.close_all(sessions)
+
+    async def profile_relay(self, sessions: dict[str, Session], targets: dict[str, Target]) -> None:
+        """One extra, unmeasured flood per server with py-spy attached (it costs CPU too)."""
+        assert self.py_spy is not None
+        for name, s in sessions.items():
+            pid = targets[name].server_pid()
+            if not pid:
+                continue
+            raw = self.out_dir / f"relay-profile-{name}.collapsed"
+            spy = PySpy(self.py_spy, pid, raw)
+            try:
+                await asyncio.sleep(0.5)
+                await s.execute(f"flood {self.p.flood_messages}", timeout=300)
+            finally:
+                await spy.stop()
+            if raw.exists():
+                lines = summarize(raw)
+                (self.out_dir / f"relay-profile-{name}.txt").write_text("\n".join(lines) + "\n")
+                self.r.detail("profile", name, lines)
+                print(f"  py-spy, {name} during the flood:", *lines[:12], sep="\n    ")
 
     # -- kernel start, concurrent starts, idle cost -----------------------------------------
     async def starts(self, stages: set[str]) -> None:
