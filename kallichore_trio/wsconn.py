@@ -1,0 +1,478 @@
+"""Server-side WebSocket connections over any Trio stream, for the per-session Unix sockets.
+
+The socket transport gives every session its own Unix socket (spec §2.1). A client connecting to
+it either starts with an HTTP/1.1 upgrade request on any path (Positron's
+`ws+unix://<path>:/api/channels/<id>`) or, if the first bytes are not `GET ` or nothing arrives
+for `sniff_timeout`, speaks raw WebSocket framing with no handshake at all. wsproto covers both:
+`WSConnection` for the handshake, `wsproto.connection.Connection` for the framing.
+
+`ClientConnection` is the interface the channel code uses for every client, TCP or Unix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket as stdlib_socket
+import stat
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+if TYPE_CHECKING:
+    from kallichore_trio.config import Config
+
+log = logging.getLogger(__name__)
+
+#: sockaddr_un.sun_path is 104 bytes on macOS (108 on Linux); Kallichore uses the smaller bound.
+MAX_SOCKET_PATH_BYTES = 104
+#: Bytes read per receive call; large enough that a 50 MB message is a few hundred reads.
+_RECEIVE_CHUNK = 1 << 20
+#: An HTTP upgrade request larger than this is not a WebSocket client we want.
+_MAX_REQUEST_HEAD = 64 * 1024
+#: Bound on sending our Close frame: a peer that does not read must not hold close() up.
+_CLOSE_SEND_TIMEOUT = 1.0
+#: Default cap on one reassembled message (Kallichore's tungstenite allows 64 MiB).
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class ClientGone(Exception):
+    """The WebSocket peer has gone away (closed, reset, or the connection is unusable)."""
+
+
+class SocketPathTooLong(ValueError):
+    """Even the hashed per-session socket name does not fit in sun_path."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(
+            f"Socket path {str(path)!r} is longer than {MAX_SOCKET_PATH_BYTES} bytes; "
+            "use --socket-dir with a shorter directory"
+        )
+        self.path = path
+
+
+class ClientConnection(Protocol):
+    """One connected channels client, whatever its transport."""
+
+    async def send_text(self, text: str) -> None:
+        """Send one text message; raises ClientGone if the peer is gone."""
+        ...
+
+    async def receive_text(self) -> str | None:
+        """The next text message; None once the peer closed (an empty text message counts)."""
+        ...
+
+    async def ping(self, payload: bytes) -> None:
+        """Send a Ping frame."""
+        ...
+
+    @property
+    def last_pong(self) -> bytes | None:
+        """Payload of the latest Pong received."""
+        ...
+
+    async def close(self) -> None:
+        """Send a Close frame (no code) and shut the stream; idempotent."""
+        ...
+
+
+class WsprotoConnection:
+    """A server WebSocket over a Trio stream.
+
+    One task receives (`receive_text`); any number of tasks may send concurrently: every write
+    to the stream happens under `_send_lock`, including the Pongs and Close replies that the
+    receive path emits.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        ws: Connection,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._max_message_bytes = max_message_bytes
+        self._send_lock = trio.Lock()
+        self._last_pong: bytes | None = None
+        # Set once the peer closed or the stream broke: receive_text returns None from then on.
+        self._remote_done = False
+        # Set when a write was interrupted mid-frame: the framing is corrupt, nothing more may go.
+        self._broken = False
+        self._closed = False
+        self._parts: list[str] = []
+        self._parts_size = 0
+        self._skipping_binary = False
+
+    @property
+    def last_pong(self) -> bytes | None:
+        return self._last_pong
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed or self._remote_done
+
+    async def send_text(self, text: str) -> None:
+        await self._send(TextMessage(data=text))
+
+    async def ping(self, payload: bytes) -> None:
+        await self._send(Ping(payload=payload))
+
+    async def _send(self, event: TextMessage | Ping | Pong | CloseConnection) -> None:
+        async with self._send_lock:
+            if self._broken or self._closed:
+                raise ClientGone("the WebSocket connection is closed")
+            try:
+                data = self._ws.send(event)
+            except LocalProtocolError as exc:
+                # wsproto refuses data once a Close has been sent or received.
+                raise ClientGone(f"the WebSocket connection is closing: {exc}") from exc
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._broken = True
+                raise ClientGone(f"the WebSocket peer has gone: {exc!r}") from exc
+            except BaseException:
+                # Cancelled (e.g. a write timeout) part-way through a frame: the stream now holds
+                # half a frame, so it can carry nothing else. Re-raise; close() will drop it.
+                self._broken = True
+                raise
+
+    async def receive_text(self) -> str | None:
+        while not self._remote_done:
+            for event in self._ws.events():
+                text = await self._handle_event(event)
+                if text is not None:
+                    return text
+                if self._remote_done:
+                    return None
+            if self._remote_done:
+                break
+            try:
+                data = await self._stream.receive_some(_RECEIVE_CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._remote_done = True
+                break
+            try:
+                self._ws.receive_data(data)
+            except (LocalProtocolError, RemoteProtocolError):
+                self._remote_done = True
+        return None
+
+    async def _handle_event(self, event: Any) -> str | None:
+        """Apply one wsproto event; returns a completed text message, if this event ended one."""
+        if isinstance(event, TextMessage):
+            self._parts.append(event.data)
+            self._parts_size += len(event.data)
+            if self._parts_size > self._max_message_bytes:
+                log.warning("WebSocket message over %d bytes; closing", self._max_message_bytes)
+                await self._close_with(CloseReason.MESSAGE_TOO_BIG)
+                return None
+            if not event.message_finished:
+                return None
+            text = "".join(self._parts)
+            self._parts.clear()
+            self._parts_size = 0
+            if not text:
+                # Kallichore treats an empty text message as the client closing.
+                self._remote_done = True
+                await self.close()
+                return None
+            return text
+        if isinstance(event, BytesMessage):
+            # Binary messages carry nothing in this protocol; Kallichore ignores them.
+            return None
+        if isinstance(event, Ping):
+            try:
+                await self._send(event.response())
+            except ClientGone:
+                self._remote_done = True
+            return None
+        if isinstance(event, Pong):
+            self._last_pong = bytes(event.payload)
+            return None
+        if isinstance(event, CloseConnection):
+            # The peer's Close (state REMOTE_CLOSING): echo its code to complete the closing
+            # handshake (RFC 6455 §5.5.1). A framing error (state still OPEN): close with the
+            # protocol error code wsproto chose. Either way the stream is then dropped.
+            await self._close_with(event.code)
+            return None
+        return None
+
+    async def _close_with(self, code: int) -> None:
+        self._remote_done = True
+        if not self._closed and not self._broken:
+            with trio.move_on_after(_CLOSE_SEND_TIMEOUT):
+                try:
+                    await self._send(CloseConnection(code=code))
+                except ClientGone:
+                    pass
+        await self._shut_stream()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        if not self._broken and self._ws.state in (
+            ConnectionState.OPEN,
+            ConnectionState.REMOTE_CLOSING,
+        ):
+            # NO_STATUS_RCVD makes wsproto send a Close frame with an empty payload (no code),
+            # which is what Kallichore sends.
+            with trio.move_on_after(_CLOSE_SEND_TIMEOUT):
+                try:
+                    await self._send(CloseConnection(code=CloseReason.NO_STATUS_RCVD))
+                except ClientGone:
+                    pass
+        await self._shut_stream()
+
+    async def _shut_stream(self) -> None:
+        self._closed = True
+        # aclose never blocks for long and wakes a receiver blocked on the stream.
+        await trio.aclose_forcefully(self._stream)
+
+
+async def _read_at_least(stream: trio.abc.Stream, buf: bytearray, n: int) -> bool:
+    """Read into buf until it holds n bytes; False at EOF."""
+    while len(buf) < n:
+        data = await stream.receive_some(_RECEIVE_CHUNK)
+        if not data:
+            return False
+        buf += data
+    return True
+
+
+async def _read_request_head(stream: trio.abc.Stream, buf: bytearray) -> int:
+    """Read until the blank line ending the HTTP request head; returns its end offset."""
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            return end + 4
+        if len(buf) > _MAX_REQUEST_HEAD:
+            raise ClientGone("HTTP upgrade request head is too large")
+        data = await stream.receive_some(_RECEIVE_CHUNK)
+        if not data:
+            raise ClientGone("peer closed during the HTTP upgrade request")
+        buf += data
+
+
+async def _upgrade(stream: trio.abc.Stream, buf: bytearray) -> Connection:
+    """Answer an HTTP/1.1 WebSocket upgrade request (any path, Host or auth) with 101."""
+    head_end = await _read_request_head(stream, buf)
+    handshake = WSConnection(ConnectionType.SERVER)
+    try:
+        # Only the request head goes to h11: bytes after it are already WebSocket frames, and
+        # wsproto would otherwise keep them in h11's buffer and lose them.
+        handshake.receive_data(bytes(buf[:head_end]))
+        events = list(handshake.events())
+    except RemoteProtocolError as exc:
+        await _reject(stream, handshake, exc)
+        raise ClientGone(f"bad WebSocket upgrade request: {exc}") from exc
+    if not any(isinstance(event, Request) for event in events):
+        raise ClientGone("no WebSocket upgrade request received")
+    await stream.send_all(handshake.send(AcceptConnection()))
+    ws = handshake.connection
+    assert ws is not None  # set by sending AcceptConnection
+    rest = bytes(buf[head_end:])
+    if rest:
+        ws.receive_data(rest)
+    return ws
+
+
+async def _reject(
+    stream: trio.abc.Stream, handshake: WSConnection, exc: RemoteProtocolError
+) -> None:
+    hint = exc.event_hint
+    if not isinstance(hint, RejectConnection):
+        hint = RejectConnection(status_code=400)
+    try:
+        await stream.send_all(handshake.send(hint))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, LocalProtocolError):
+        pass
+
+
+async def accept_websocket(
+    stream: trio.abc.Stream,
+    *,
+    sniff_timeout: float,
+    handshake_timeout: float = 10.0,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> WsprotoConnection:
+    """Turn a freshly accepted stream into a server WebSocket (spec §2.1).
+
+    Waits up to `sniff_timeout` for 4 bytes: `GET ` means an HTTP upgrade handshake (bounded by
+    `handshake_timeout`); anything else, or silence, means raw WebSocket framing with no
+    handshake, starting with the bytes already read. Raises ClientGone if the peer leaves first.
+    """
+    buf = bytearray()
+    try:
+        with trio.move_on_after(sniff_timeout):
+            if not await _read_at_least(stream, buf, 4):
+                raise ClientGone("peer closed before sending anything")
+        if buf[:4] == b"GET ":
+            with trio.fail_after(handshake_timeout):
+                ws = await _upgrade(stream, buf)
+        else:
+            ws = Connection(ConnectionType.SERVER, trailing_data=bytes(buf))
+    except trio.TooSlowError as exc:
+        raise ClientGone("timed out in the WebSocket upgrade handshake") from exc
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        raise ClientGone(f"peer went away during the WebSocket handshake: {exc!r}") from exc
+    return WsprotoConnection(stream, ws, max_message_bytes=max_message_bytes)
+
+
+def _same_file(path: Path, ident: tuple[int, int]) -> bool:
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == ident
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket (or any non-directory) left at path by an earlier listener."""
+    try:
+        if not stat.S_ISDIR(path.lstat().st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+async def serve_unix_socket(
+    path: Path,
+    handler: Callable[[ClientConnection], Awaitable[None]],
+    *,
+    sniff_timeout: float,
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Listen on a Unix socket at path (mode 0600) and run handler(conn) per WebSocket client.
+
+    A failure in one connection is logged and never stops the listener. Cancelling this task
+    ends the open connections too (they live in its nursery) and removes the socket file, unless
+    another listener has replaced it in the meantime.
+    """
+    remove_stale_socket(path)
+    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
+    try:
+        await sock.bind(os.fspath(path))
+        # chmod before listen(): until listen() nobody can connect, so the socket is never
+        # reachable with the umask's (wider) permissions.
+        os.chmod(path, 0o600)
+        st = path.lstat()
+        ident = (st.st_dev, st.st_ino)
+        sock.listen(stdlib_socket.SOMAXCONN)
+    except BaseException:
+        sock.close()
+        raise
+    listener = trio.SocketListener(sock)
+    try:
+        async with listener, trio.open_nursery() as nursery:
+            task_status.started(path)
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # EMFILE and friends: back off instead of spinning or dying.
+                    log.warning("Accept failed on %s: %s", path, exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(_serve_one, stream, handler, sniff_timeout, path)
+    finally:
+        if _same_file(path, ident):
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.warning("Could not remove socket %s: %s", path, exc)
+
+
+async def _serve_one(
+    stream: trio.SocketStream,
+    handler: Callable[[ClientConnection], Awaitable[None]],
+    sniff_timeout: float,
+    path: Path,
+) -> None:
+    conn: WsprotoConnection | None = None
+    try:
+        conn = await accept_websocket(stream, sniff_timeout=sniff_timeout)
+        await handler(conn)
+    except ClientGone as exc:
+        log.debug("Client on %s left: %s", path, exc)
+    except Exception:
+        log.exception("Error serving a WebSocket client on %s", path)
+    finally:
+        if conn is not None:
+            await conn.close()
+        else:
+            await trio.aclose_forcefully(stream)
+
+
+def _name_prefix(session_id: str) -> str:
+    """The first 8 bytes of the id, cut back to a character boundary; no path separators."""
+    raw = session_id.encode("utf-8", errors="surrogatepass")[:8]
+    prefix = raw.decode("utf-8", errors="ignore")
+    return prefix.replace("/", "_").replace("\0", "_")
+
+
+def session_socket_path(socket_dir: Path, session_id: str, pid: int) -> Path:
+    """The per-session socket path: `kc-<pid>.<first 8 bytes of id>.sock` (spec §2.1).
+
+    Kallichore slices 8 bytes and can panic on a non-ASCII id; we cut at a character boundary.
+    A path over 104 bytes falls back to `kc-<64-bit hash of (id, pid)>.sock`; if that is still
+    too long, SocketPathTooLong.
+    """
+    path = socket_dir / f"kc-{pid}.{_name_prefix(session_id)}.sock"
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES:
+        return path
+    digest = hashlib.blake2b(
+        session_id.encode("utf-8", errors="surrogatepass") + b"\0" + str(pid).encode(),
+        digest_size=8,
+    ).hexdigest()
+    path = socket_dir / f"kc-{digest}.sock"
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES:
+        return path
+    raise SocketPathTooLong(path)
+
+
+def default_socket_dir(config: Config) -> Path:
+    """--socket-dir, else $XDG_RUNTIME_DIR, else the temp dir."""
+    if config.socket_dir is not None:
+        return config.socket_dir
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg)
+    return Path(tempfile.gettempdir())
+
+
+def main_socket_path(config: Config, pid: int) -> Path:
+    """The generated main API socket `kc-<pid>.sock` (spec §4.2), when --unix-socket is absent.
+
+    An over-long XDG runtime dir falls back to the temp dir, as Kallichore does.
+    """
+    if config.unix_socket is not None:
+        return config.unix_socket
+    path = default_socket_dir(config) / f"kc-{pid}.sock"
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES and config.socket_dir is None:
+        path = Path(tempfile.gettempdir()) / f"kc-{pid}.sock"
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise SocketPathTooLong(path)
+    return path
