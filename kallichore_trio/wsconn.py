@@ -222,29 +222,26 @@ class WsprotoConnection:
 
     async def _close_with(self, code: int) -> None:
         self._remote_done = True
-        if not self._closed and not self._broken:
-            with trio.move_on_after(_CLOSE_SEND_TIMEOUT):
-                try:
-                    await self._send(CloseConnection(code=code))
-                except ClientGone:
-                    pass
-        await self._shut_stream()
-
-    async def close(self) -> None:
         if self._closed:
             return
-        if not self._broken and self._ws.state in (
-            ConnectionState.OPEN,
-            ConnectionState.REMOTE_CLOSING,
-        ):
-            # NO_STATUS_RCVD makes wsproto send a Close frame with an empty payload (no code),
-            # which is what Kallichore sends.
-            with trio.move_on_after(_CLOSE_SEND_TIMEOUT):
-                try:
-                    await self._send(CloseConnection(code=CloseReason.NO_STATUS_RCVD))
-                except ClientGone:
-                    pass
-        await self._shut_stream()
+        try:
+            if not self._broken and self._ws.state in (
+                ConnectionState.OPEN,
+                ConnectionState.REMOTE_CLOSING,
+            ):
+                with trio.move_on_after(_CLOSE_SEND_TIMEOUT):
+                    try:
+                        await self._send(CloseConnection(code=code))
+                    except ClientGone:
+                        pass
+        finally:
+            # Even when cancelled: the stream (and its fd) must not outlive the connection.
+            await self._shut_stream()
+
+    async def close(self) -> None:
+        # NO_STATUS_RCVD makes wsproto send a Close frame with an empty payload (no code),
+        # which is what Kallichore sends.
+        await self._close_with(CloseReason.NO_STATUS_RCVD)
 
     async def _shut_stream(self) -> None:
         self._closed = True
