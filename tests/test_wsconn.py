@@ -525,3 +525,27 @@ async def test_send_handshake_timeout(monkeypatch: pytest.MonkeyPatch, sock_dir:
     monkeypatch.setattr(trio, "open_unix_socket", hang)
     with pytest.raises(HandshakeError, match="timed out"):
         await send_handshake(sock_dir / "x.sock", {}, timeout=0.05)
+
+
+async def test_send_cancelled_mid_frame_marks_connection_gone(sock_dir: Path) -> None:
+    outcome: list[str] = []
+    done = trio.Event()
+
+    async def slow_reader_victim(conn: ClientConnection) -> None:
+        # The client never reads, so a 64 MB frame fills the socket buffers and blocks.
+        with trio.move_on_after(0.2) as scope:
+            await conn.send_text("x" * (64 * 1024 * 1024))
+        outcome.append("cancelled" if scope.cancelled_caught else "sent")
+        try:
+            await conn.send_text("after")
+        except ClientGone:
+            outcome.append("gone")
+        done.set()
+
+    path = sock_dir / "s.sock"
+    async with serving(path, slow_reader_victim):
+        client = await Client.upgrade(path)
+        with trio.fail_after(10):
+            await done.wait()
+        assert outcome == ["cancelled", "gone"]
+        await client.aclose()
