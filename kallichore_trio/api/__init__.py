@@ -1,0 +1,54 @@
+"""The HTTP API: a Quart-Trio app whose routes are thin calls into the daemon's registry."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from kallichore_trio.api import channels, server, sessions
+from kallichore_trio.api.responses import empty, error_response, startup_error_response, text
+from kallichore_trio.errors import KallichoreError, StartupFailure
+from kallichore_trio.models import BodyError
+
+if TYPE_CHECKING:
+    from kallichore_trio.daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+
+def create_app(daemon: Daemon) -> QuartTrio:
+    app = QuartTrio("kallichore_trio")
+    app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 * 1024
+    app.config["BODY_TIMEOUT"] = 60
+    sessions.register(app, daemon)
+    server.register(app, daemon)
+    channels.register(app, daemon)
+
+    @app.errorhandler(KallichoreError)
+    async def kallichore_error(exc: KallichoreError) -> Response:
+        return error_response(exc)
+
+    @app.errorhandler(StartupFailure)
+    async def startup_failure(exc: StartupFailure) -> Response:
+        log.warning("startup failed: %s", exc)
+        return startup_error_response(exc)
+
+    @app.errorhandler(BodyError)
+    async def body_error(exc: BodyError) -> Response:
+        return text(str(exc), 400)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        # Unknown path: 404, known path with the wrong method: 405; both with empty bodies.
+        return empty(exc.code or 500)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Any:
+        log.exception("internal error while handling a request")
+        return text("An internal error occurred", 500)
+
+    return app

@@ -1,0 +1,90 @@
+"""The daemon's configuration: everything the command line decides, frozen.
+
+`cli.py` builds a `Config` from kcserver-compatible flags; tests build one directly. Every
+wait on the outside world takes its bound from here, so a test can shorten it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import attrs
+
+#: The Kallichore (kcserver) release whose API and launch protocol we implement. Positron compares
+#: it with the version it pins; 0.1.68 is the first with `--handshake-socket` and `server_id`.
+KALLICHORE_VERSION = "0.1.68"
+
+Transport = Literal["tcp", "socket"]
+LogLevel = Literal["trace", "debug", "info", "warn", "error"]
+
+
+def new_token() -> str:
+    """A random bearer token: 16 lowercase hex characters, as kcserver generates."""
+    return secrets.token_hex(8)
+
+
+def new_server_id() -> str:
+    return uuid.uuid4().hex
+
+
+@attrs.frozen(kw_only=True)
+class Timeouts:
+    """Bounds, in seconds, on every wait for a kernel or a client."""
+
+    #: kernel_info_reply during start, when the session gives no connection_timeout.
+    default_connection: float = 30.0
+    #: Between the kernel_info_request retries that beat the iopub slow-joiner problem.
+    kernel_info_retry: float = 0.5
+    #: shutdown_request -> process exit, before SIGTERM is sent to the process group.
+    shutdown_request: float = 10.0
+    #: SIGTERM -> exit, before SIGKILL.
+    terminate: float = 5.0
+    #: SIGKILL -> exit (reaping); past this the process is reported lost.
+    kill: float = 5.0
+    #: Heartbeat: wait for the echo, then sleep this long between beats.
+    heartbeat_reply: float = 5.0
+    heartbeat_period: float = 2.0
+    #: A WebSocket write that takes longer drops the client (its frames stay in the outbox).
+    client_write: float = 30.0
+    #: WebSocket keep-alive ping period; a client missing more than 3 pongs is dropped.
+    client_ping: float = 10.0
+    #: How long a per-session socket waits for "GET " before assuming raw WebSocket framing.
+    socket_sniff: float = 5.0
+    #: Connecting to the client's --handshake-socket and writing the connection document.
+    handshake: float = 10.0
+
+
+@attrs.frozen(kw_only=True)
+class OutboxLimits:
+    """Bounds of each session's outbox (frames waiting for, or kept for, a client)."""
+
+    max_frames: int = 20_000
+    max_bytes: int = 64 * 1024 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    transport: Transport = "tcp"
+    host: str = "127.0.0.1"
+    port: int = 0
+    #: Bind the API to this Unix socket (transport "socket"); generated when None.
+    unix_socket: Path | None = None
+    #: Directory for generated sockets (main and per-session); None = XDG runtime dir or tmp.
+    socket_dir: Path | None = None
+    #: Bearer token; None disables authentication (`--token none`).
+    token: str | None = attrs.field(factory=new_token)
+    connection_file: Path | None = None
+    handshake_socket: Path | None = None
+    #: None disables idle shutdown; 0 means "about 30 seconds".
+    idle_shutdown_hours: int | None = None
+    resource_sample_interval_ms: int = 1000
+    log_level: LogLevel = "info"
+    log_file: Path | None = None
+    #: Directory for kernel connection files; None = jupyter runtime dir.
+    runtime_dir: Path | None = None
+    server_id: str = attrs.field(factory=new_server_id)
+    timeouts: Timeouts = attrs.field(factory=Timeouts)
+    outbox: OutboxLimits = attrs.field(factory=OutboxLimits)

@@ -1,0 +1,230 @@
+"""The daemon: the root nursery that owns the HTTP server, the sessions and the watchdogs.
+
+    run_daemon
+     ├─ hypercorn serve (the Quart-Trio app)
+     ├─ registry nursery: one task per session (see session/session.py)
+     ├─ idle-shutdown watchdog
+     └─ signal watcher (SIGINT/SIGTERM -> graceful shutdown)
+
+Shutdown, whatever asked for it: every kernel gets a shutdown_request, then SIGTERM, then
+SIGKILL (each bounded), then the HTTP server stops and socket files are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import hypercorn.config
+import hypercorn.trio
+import psutil
+import trio
+import zmq
+from jupyter_core.paths import jupyter_runtime_dir
+
+from kallichore_trio.api import create_app
+from kallichore_trio.config import Config
+from kallichore_trio.errors import ConfigurationError
+from kallichore_trio.models import ServerConfiguration
+from kallichore_trio.registry import SessionRegistry
+from kallichore_trio.wsconn import main_socket_path, remove_stale_socket
+
+log = logging.getLogger(__name__)
+
+#: `idle_shutdown_hours: 0` means "shortly after everything is idle".
+ZERO_HOURS_SECONDS = 30.0
+
+
+@attrs.frozen
+class ServerAddress:
+    transport: str
+    port: int | None = None
+    base_path: str | None = None
+    socket_path: str | None = None
+
+
+class Daemon:
+    """What the routes can ask of the daemon besides sessions: shutdown, heartbeats, config."""
+
+    def __init__(self, config: Config, registry: SessionRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self.shutdown_requested = trio.Event()
+        self.shutdown_reason = ""
+        self.idle_shutdown_hours = config.idle_shutdown_hours
+        self.resource_sample_interval_ms = config.resource_sample_interval_ms
+        self.client_pid: int | None = None
+        self.socket_listeners: dict[str, trio.CancelScope] = {}
+        self._last_activity = trio.current_time()
+        self._config_changed = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Daemon {self.registry!r} idle_hours={self.idle_shutdown_hours}>"
+
+    def request_shutdown(self, reason: str) -> None:
+        if not self.shutdown_requested.is_set():
+            log.info("shutting down: %s", reason)
+            self.shutdown_reason = reason
+            self.shutdown_requested.set()
+
+    def nudge(self) -> None:
+        """Something happened that means "not idle": restart the idle clock."""
+        self._last_activity = trio.current_time()
+
+    def client_heartbeat(self, process_id: int | None) -> None:
+        if process_id is not None and process_id != self.client_pid:
+            log.info("tracking client process %d", process_id)
+            self.client_pid = process_id
+        self.nudge()
+
+    def server_configuration(self) -> ServerConfiguration:
+        hours = self.idle_shutdown_hours
+        return ServerConfiguration(
+            idle_shutdown_hours=hours,
+            resource_sample_interval_ms=self.resource_sample_interval_ms,
+            log_level=self.config.log_level,
+        )
+
+    def configure(self, update: ServerConfiguration) -> None:
+        hours, interval = update.idle_shutdown_hours, update.resource_sample_interval_ms
+        if hours is not None and hours > 65535:
+            raise ConfigurationError("idle_shutdown_hours is too large")
+        if interval is not None and interval < 0:
+            raise ConfigurationError("resource_sample_interval_ms must be non-negative")
+        if hours is not None:
+            self.idle_shutdown_hours = None if hours < 0 else hours
+            log.info("idle shutdown: %s", "disabled" if hours < 0 else f"{hours} h")
+        if interval is not None:
+            self.resource_sample_interval_ms = 0 if interval == 0 else max(interval, 100)
+        self.nudge()
+        self._config_changed.set()
+
+    # ---- idle shutdown -------------------------------------------------------------------
+
+    def _idle_period(self) -> float | None:
+        hours = self.idle_shutdown_hours
+        if hours is None:
+            return None
+        return ZERO_HOURS_SECONDS if hours == 0 else hours * 3600.0
+
+    def _busy_reason(self) -> str | None:
+        if self.client_pid is not None and self.client_pid > 1:
+            if psutil.pid_exists(self.client_pid):
+                return f"client process {self.client_pid} is alive"
+            log.info("client process %d is gone", self.client_pid)
+            self.client_pid = None
+        if self.registry.any_busy:
+            return "a session is busy"
+        if self.registry.any_connected:
+            return "a client is connected"
+        return None
+
+    async def idle_watchdog(self) -> None:
+        """Shut down after a whole idle period. trio's clock is CLOCK_MONOTONIC, which stops
+        while the machine sleeps, so time asleep does not count as idle time."""
+        while True:
+            self._config_changed = trio.Event()
+            period = self._idle_period()
+            if period is None:
+                await self._config_changed.wait()
+                continue
+            deadline = self._last_activity + period
+            if trio.current_time() < deadline:
+                with trio.move_on_at(deadline):
+                    await self._config_changed.wait()
+                continue
+            reason = self._busy_reason()
+            if reason is not None:
+                log.debug("idle timer expired but %s", reason)
+                self.nudge()
+                continue
+            self.request_shutdown(f"idle for {period:.0f} s")
+            return
+
+    async def watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                self.request_shutdown(f"received {signal.Signals(signum).name}")
+
+
+def _bind_socket(config: Config) -> tuple[socket.socket, ServerAddress, Path | None]:
+    """Bind the API socket ourselves so that its mode is 0600 before anyone can connect."""
+    if config.transport == "socket":
+        path = config.unix_socket or main_socket_path(config, os.getpid())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(128)
+        # A socket we generated is ours to remove; a user-supplied path is left alone.
+        owned = path if config.unix_socket is None else None
+        return sock, ServerAddress("socket", socket_path=str(path)), owned
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((config.host, config.port))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    return sock, ServerAddress("tcp", port=port, base_path=f"http://{config.host}:{port}"), None
+
+
+def _hypercorn_config(sock: socket.socket) -> hypercorn.config.Config:
+    hc = hypercorn.config.Config()
+    # Hypercorn owns (and closes) a duplicate; we close the original.
+    hc.bind = [f"fd://{os.dup(sock.fileno())}"]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.websocket_ping_interval = 10.0
+    hc.websocket_max_message_size = 256 * 1024 * 1024
+    hc.graceful_timeout = 2.0
+    hc.keep_alive_timeout = 75.0
+    return hc
+
+
+async def run_daemon(
+    config: Config, *, task_status: trio.TaskStatus[ServerAddress] = trio.TASK_STATUS_IGNORED
+) -> None:
+    runtime_dir = config.runtime_dir or Path(jupyter_runtime_dir())
+    zmq_context: zmq.Context[Any] = zmq.Context()
+    sock, address, owned_socket = _bind_socket(config)
+    try:
+        async with trio.open_nursery() as root:
+            stop_http = trio.Event()
+            async with trio.open_nursery() as sessions_nursery:
+                registry = SessionRegistry(config, sessions_nursery, zmq_context, runtime_dir)
+                daemon = Daemon(config, registry)
+                registry.on_activity = daemon.nudge
+                app = create_app(daemon)
+                await root.start(
+                    partial(hypercorn.trio.serve, app, _hypercorn_config(sock),
+                            shutdown_trigger=stop_http.wait)
+                )
+                root.start_soon(daemon.watch_signals)
+                root.start_soon(daemon.idle_watchdog)
+                log.info("listening on %s", address.base_path or address.socket_path)
+                task_status.started(address)
+                await daemon.shutdown_requested.wait()
+                with trio.CancelScope(shield=True):
+                    await registry.shutdown_all()
+                    for scope in daemon.socket_listeners.values():
+                        scope.cancel()
+                    sessions_nursery.cancel_scope.cancel()
+            # Let the HTTP response to POST /shutdown go out, then stop serving.
+            await trio.sleep(0.05)
+            stop_http.set()
+            root.cancel_scope.deadline = trio.current_time() + 5.0
+    finally:
+        sock.close()
+        if owned_socket is not None:
+            try:
+                owned_socket.unlink()
+            except OSError:
+                pass
+        zmq_context.term()
+        log.info("stopped")

@@ -1,0 +1,270 @@
+"""attrs classes for every schema of kallichore.json, and the one converter that maps them.
+
+Field names are the wire names (snake_case). Optional fields default to None and are omitted
+from JSON when None. Enums are `Literal`s so that the converter rejects unknown values.
+The converter is strict about JSON types (a string is not silently turned into a number, nor a
+number into a string), as the reference server's serde is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal, TypeVar
+
+import attrs
+import cattrs
+from cattrs.gen import make_dict_unstructure_fn
+
+SessionMode = Literal["console", "notebook", "background"]
+InterruptMode = Literal["signal", "message"]
+StartupEnvironment = Literal["none", "shell", "command", "script"]
+VarActionType = Literal["replace", "append", "prepend"]
+Status = Literal["uninitialized", "starting", "ready", "idle", "busy", "offline", "exited"]
+LogLevelName = Literal["trace", "debug", "info", "warn", "error"]
+
+
+@attrs.frozen
+class ErrorModel:
+    code: str
+    message: str
+    details: str | None = None
+
+
+@attrs.frozen
+class VarAction:
+    action: VarActionType
+    name: str
+    value: str
+
+
+@attrs.frozen
+class ConnectionInfo:
+    control_port: int
+    shell_port: int
+    stdin_port: int
+    hb_port: int
+    iopub_port: int
+    signature_scheme: str
+    key: str
+    transport: str
+    ip: str
+
+
+@attrs.frozen
+class StartupErrorModel:
+    error: ErrorModel
+    exit_code: int | None = None
+    output: str | None = None
+
+
+@attrs.frozen
+class ClientHeartbeat:
+    process_id: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class NewSession:
+    session_id: str
+    display_name: str
+    language: str
+    username: str
+    input_prompt: str
+    continuation_prompt: str
+    argv: list[str]
+    working_directory: str
+    env: list[VarAction]
+    interrupt_mode: InterruptMode
+    # Required by the reference; defaulted here because mid-2025 Positron builds omit them
+    # (they send `run_in_shell` instead; see docs/differences.md).
+    session_mode: SessionMode = "console"
+    startup_environment: StartupEnvironment = "none"
+    notebook_uri: str | None = None
+    connection_timeout: int | None = None
+    protocol_version: str | None = None
+    startup_environment_arg: str | None = None
+    run_in_shell: bool | None = None
+
+
+@attrs.frozen
+class NewSessionResponse:
+    session_id: str
+
+
+@attrs.frozen
+class RestartSession:
+    working_directory: str | None = None
+    env: list[VarAction] | None = None
+
+
+@attrs.frozen
+class ExecutionQueueModel:
+    length: int
+    pending: list[dict[str, Any]]
+    active: dict[str, Any] | None = None
+
+
+@attrs.frozen
+class ResourceUsage:
+    cpu_percent: int
+    memory_bytes: int
+    thread_count: int
+    sampling_period_ms: int
+    timestamp: int
+
+
+@attrs.frozen(kw_only=True)
+class ActiveSession:
+    session_id: str
+    argv: list[str]
+    username: str
+    display_name: str
+    language: str
+    interrupt_mode: InterruptMode
+    connected: bool
+    started: dt.datetime
+    session_mode: SessionMode
+    working_directory: str
+    input_prompt: str
+    continuation_prompt: str
+    execution_queue: ExecutionQueueModel
+    status: Status
+    kernel_info: dict[str, Any]
+    idle_seconds: int
+    busy_seconds: int
+    initial_env: dict[str, str] | None = None
+    process_id: int | None = None
+    notebook_uri: str | None = None
+    resource_usage: ResourceUsage | None = None
+    socket_path: str | None = None
+
+
+@attrs.frozen
+class SessionList:
+    total: int
+    sessions: list[ActiveSession]
+
+
+@attrs.frozen(kw_only=True)
+class ServerStatus:
+    sessions: int
+    active: int
+    busy: bool
+    idle_seconds: int
+    busy_seconds: int
+    uptime_seconds: int
+    version: str
+    process_id: int
+    started: dt.datetime
+    server_id: str | None = None
+
+
+@attrs.frozen
+class ServerConfiguration:
+    idle_shutdown_hours: int | None = None
+    resource_sample_interval_ms: int | None = None
+    log_level: LogLevelName | None = None
+
+
+#: Every schema of kallichore.json, by its name there.
+SCHEMAS: dict[str, type] = {
+    "error": ErrorModel,
+    "varAction": VarAction,
+    "connectionInfo": ConnectionInfo,
+    "startupError": StartupErrorModel,
+    "clientHeartbeat": ClientHeartbeat,
+    "newSession": NewSession,
+    "restartSession": RestartSession,
+    "execution_queue": ExecutionQueueModel,
+    "activeSession": ActiveSession,
+    "serverStatus": ServerStatus,
+    "resourceUsage": ResourceUsage,
+    "sessionList": SessionList,
+    "serverConfiguration": ServerConfiguration,
+}
+
+
+def format_timestamp(value: dt.datetime) -> str:
+    """RFC 3339 in UTC with a `Z`, as the reference's chrono serialisation writes it."""
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _strict(kind: type, name: str) -> Any:
+    def structure(value: Any, _: Any) -> Any:
+        # bool is an int subclass in Python but not a JSON number.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"expected {name}, got {type(value).__name__}")
+        return value
+
+    return structure
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(omit_if_default=False, forbid_extra_keys=False)
+    conv.register_structure_hook(str, _strict(str, "a string"))
+    conv.register_structure_hook(int, _strict(int, "an integer"))
+    conv.register_structure_hook(bool, _strict(bool, "a boolean"))
+    conv.register_structure_hook_func(
+        lambda t: t == dict[str, Any], _strict(dict, "an object")
+    )
+    conv.register_unstructure_hook(dt.datetime, format_timestamp)
+    conv.register_structure_hook(dt.datetime, lambda v, _: dt.datetime.fromisoformat(v))
+
+    # Omit optional fields (default None) when they are None; keep every required field.
+    def omit_none(cls: type) -> Any:
+        overrides = {
+            a.name: cattrs.override(omit_if_default=True)
+            for a in attrs.fields(cls)
+            if a.default is None
+        }
+        return make_dict_unstructure_fn(cls, conv, **overrides)
+
+    conv.register_unstructure_hook_factory(attrs.has, omit_none)
+    return conv
+
+
+converter = _make_converter()
+
+T = TypeVar("T")
+
+
+class BodyError(ValueError):
+    """A request body that is missing or does not match its schema."""
+
+
+def parse_body(raw: bytes, cls: type[T], *, schema: str, required: bool = True) -> T | None:
+    """Parse a JSON request body into `cls`, with the reference's plain-text error messages."""
+    import json
+
+    if not raw.strip():
+        if required:
+            raise BodyError(f"Missing required body parameter {schema}")
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BodyError(
+            f"Couldn't parse body parameter {schema} - doesn't match schema: invalid JSON: {exc}"
+        ) from None
+    try:
+        return converter.structure(data, cls)
+    except (cattrs.BaseValidationError, TypeError, ValueError, KeyError) as exc:
+        if isinstance(exc, cattrs.BaseValidationError):
+            reason = "; ".join(cattrs.transform_error(exc))
+        else:
+            reason = str(exc)
+        raise BodyError(
+            f"Couldn't parse body parameter {schema} - doesn't match schema: {reason}"
+        ) from None
+
+
+def unknown_fields(raw_obj: Any, cls: type) -> list[str]:
+    """Top-level keys of a request body that `cls` does not have (they are ignored)."""
+    if not isinstance(raw_obj, dict):
+        return []
+    names = {a.name for a in attrs.fields(cls)}
+    return sorted(k for k in raw_obj if k not in names)
+
+
+def dump(value: Any) -> Any:
+    """The JSON-ready form of a model."""
+    return converter.unstructure(value)

@@ -1,0 +1,206 @@
+"""How a kernel process is started and signalled: argv, environment, startup shell, signals.
+
+Kernels run in their own session and process group (`start_new_session`), so terminal signals
+aimed at the daemon do not reach them and the whole group (the kernel and anything it spawned)
+can be interrupted or killed at once.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import trio
+
+from kallichore_trio.errors import KernelPathNotFound, ProcessStartFailed
+from kallichore_trio.models import NewSession, VarAction
+
+STARTUP_BEGIN = "KALLICHORE_STARTUP_BEGIN"
+STARTUP_SUCCESS = "KALLICHORE_STARTUP_SUCCESS"
+
+# Characters that make an argv element need quoting in the shell command line (§3.15).
+_SPECIAL = set("\\\"'`${}()*?! \t\n;&|<>[]")
+
+
+def check_kernel_path(argv: Sequence[str]) -> None:
+    """argv[0] must exist: as a file when absolute, else in one of the PATH directories."""
+    if not argv:
+        return  # adopted sessions have no argv
+    program = argv[0]
+    if os.path.isabs(program):
+        if not os.path.isfile(program):
+            raise KernelPathNotFound(program)
+    elif shutil.which(program) is None:
+        raise KernelPathNotFound(program)
+
+
+def substitute_connection_file(argv: Sequence[str], path: Path) -> list[str]:
+    return [arg.replace("{connection_file}", str(path)) for arg in argv]
+
+
+def resolve_env(base: Mapping[str, str], actions: Sequence[VarAction]) -> dict[str, str]:
+    """Apply replace/append/prepend in order by plain concatenation (clients add separators)."""
+    env = dict(base)
+    for action in actions:
+        current = env.get(action.name, "")
+        if action.action == "replace":
+            env[action.name] = action.value
+        elif action.action == "append":
+            env[action.name] = current + action.value
+        else:
+            env[action.name] = action.value + current
+    return env
+
+
+def _quote(arg: str) -> str:
+    if arg == "":
+        return "''"
+    if not any(c in _SPECIAL for c in arg):
+        return arg
+    return "'" + arg.replace("'", "'\\''") + "'"
+
+
+def _login_flag(shell: str, has_arg: bool) -> str:
+    if has_arg:
+        return "-i"
+    name = os.path.basename(shell)
+    if name in ("bash", "zsh"):
+        return "--login"
+    if name in ("csh", "tcsh"):
+        return "-d"
+    return "-l"
+
+
+def server_shell() -> str | None:
+    """The daemon's own $SHELL if it exists, else bash, else sh (a session's env is not used)."""
+    for candidate in (os.environ.get("SHELL"), "/bin/bash", "/bin/sh"):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def build_command(model: NewSession, argv: Sequence[str], working_directory: str) -> list[str]:
+    """The process to spawn: the kernel argv itself, or a shell that sets up and then runs it."""
+    mode = model.startup_environment
+    if model.run_in_shell and mode == "none":
+        mode = "shell"
+    shell = server_shell() if mode != "none" else None
+    if shell is None:
+        return list(argv)
+    kernel = " ".join(_quote(a) for a in argv)
+    arg = model.startup_environment_arg
+    if mode == "command" and arg:
+        command = (
+            f"echo '{STARTUP_BEGIN}' && {{ {arg}; }} && echo '{STARTUP_SUCCESS}' && {kernel}"
+        )
+    elif mode == "script" and arg:
+        script = Path(arg) if os.path.isabs(arg) else Path(working_directory) / arg
+        if not script.exists():
+            raise ProcessStartFailed(
+                f"Startup script not found or cannot be read: '{script}' (no such file)"
+            )
+        if not script.is_file():
+            raise ProcessStartFailed(f"Startup script '{script}' exists but is not a file")
+        source = "source" if os.path.basename(shell) in ("csh", "tcsh") else "."
+        command = (
+            f"echo '{STARTUP_BEGIN}' && {{ {source} {_quote(str(script))}; }} && "
+            f"echo '{STARTUP_SUCCESS}' && {kernel}"
+        )
+    else:
+        command = kernel
+    return [shell, _login_flag(shell, arg is not None), "-c", command]
+
+
+def describe_command(command: Sequence[str]) -> str:
+    return shlex.join(command)
+
+
+async def spawn(command: Sequence[str], env: Mapping[str, str], cwd: str | None) -> trio.Process:
+    """Start the kernel in a new session with its output piped to us."""
+    return await trio.lowlevel.open_process(
+        list(command),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(env),
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
+def signal_group(pid: int, sig: signal.Signals) -> bool:
+    """Send `sig` to the process group led by `pid`; False if it no longer exists."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        # The group leader is gone and its id reused? Fall back to the process itself.
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+    return True
+
+
+def exit_code_of(returncode: int) -> int:
+    """Kallichore's convention: the exit status, or -1 for a death by signal."""
+    return returncode if returncode >= 0 else -1
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode >= 0:
+        return f"exit status: {returncode}"
+    sig = -returncode
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = "unknown"
+    return f"signal: {sig} ({name})"
+
+
+def clean_startup_output(text: str) -> str:
+    """Startup output without the marker lines that the startup shell command prints."""
+    lines = [
+        line
+        for line in text.splitlines()
+        if STARTUP_BEGIN not in line and STARTUP_SUCCESS not in line
+    ]
+    return "\n".join(lines)
+
+
+def startup_context(model: NewSession, raw_output: str, shell: str | None, *, exited: bool) -> str:
+    """The `details` of a startup error: what the user should look at (§3.5)."""
+    mode = model.startup_environment
+    if mode in ("none", "shell") or not model.startup_environment_arg:
+        return "Kernel failed to start" if exited else "Kernel failed to connect to ZeroMQ sockets"
+    noun = "script" if mode == "script" else "command"
+    prefix = f"Shell: {shell}\n" if shell else ""
+    prefix += f"Startup {noun}: {model.startup_environment_arg}\n"
+    if STARTUP_BEGIN not in raw_output:
+        tail = (
+            f"Startup {noun} could not be executed"
+            if exited
+            else f"Startup {noun} failed before execution"
+        )
+    elif STARTUP_SUCCESS not in raw_output:
+        tail = f"Startup {noun} failed" if exited else f"Startup {noun} failed to execute"
+    else:
+        tail = "Kernel failed to start" if exited else "Kernel failed to connect to ZeroMQ sockets"
+    return prefix + tail
+
+
+def process_cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def signal_name(sig: signal.Signals) -> str:
+    return sig.name

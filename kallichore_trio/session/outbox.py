@@ -1,0 +1,130 @@
+"""Frames on their way to a session's client: bounded, ordered, sequence-numbered. Pure.
+
+Every frame the session produces (relayed kernel messages and supervisor events) is appended
+here with the next sequence number. A client reads from its cursor and acknowledges what it
+wrote; acknowledged frames are released. While no client is connected frames accumulate, and
+the next client receives them in order (the reference's "buffered while disconnected").
+
+Bounds: `max_frames` and `max_bytes`. Past them the oldest *droppable* frame goes first (stream
+output, process output, resource samples: things that are superseded or repeated); status
+events, replies and every other frame are kept until twice the bounds, and only past that hard
+limit is the oldest of them dropped too. Every drop is counted; a reader is told how many
+frames it missed since its last read so it can report the gap.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+import attrs
+
+
+@attrs.frozen
+class OutboxStatistics:
+    frames: int
+    bytes: int
+    next_seq: int
+    dropped: int
+    dropped_essential: int
+    peak_frames: int
+
+
+@attrs.frozen
+class Batch:
+    """Frames read from the outbox: `(seq, text)` pairs and how many were dropped before them."""
+
+    frames: list[tuple[int, str]]
+    missed: int
+
+
+class Outbox:
+    def __init__(self, *, max_frames: int, max_bytes: int) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self._frames: OrderedDict[int, str] = OrderedDict()
+        self._droppable: deque[int] = deque()  # seqs of droppable frames, oldest first
+        self._bytes = 0
+        self._next_seq = 0
+        self._dropped = 0
+        self._dropped_essential = 0
+        self._reported_drops = 0
+        self._peak = 0
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Outbox frames={len(self._frames)} bytes={self._bytes} next_seq={self._next_seq} "
+            f"dropped={self._dropped}>"
+        )
+
+    def append(self, text: str, *, droppable: bool = False) -> int:
+        """Add a frame; return its sequence number."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self._frames[seq] = text
+        self._bytes += len(text)
+        if droppable:
+            self._droppable.append(seq)
+        if len(self._frames) > self.max_frames or self._bytes > self.max_bytes:
+            self._shed()
+        self._peak = max(self._peak, len(self._frames))
+        return seq
+
+    def _shed(self) -> None:
+        while len(self._frames) > self.max_frames or self._bytes > self.max_bytes:
+            if self._droppable:
+                seq = self._droppable.popleft()
+                text = self._frames.pop(seq, None)
+                if text is None:  # already acknowledged
+                    continue
+                self._dropped += 1
+            elif (
+                len(self._frames) > 2 * self.max_frames or self._bytes > 2 * self.max_bytes
+            ) and len(self._frames) > 1:
+                _, text = self._frames.popitem(last=False)
+                self._dropped += 1
+                self._dropped_essential += 1
+            else:
+                return
+            self._bytes -= len(text)
+
+    def read(self, limit: int = 256) -> Batch:
+        """The oldest unacknowledged frames, up to `limit`, and the drops since the last read."""
+        frames = []
+        for seq, text in self._frames.items():
+            frames.append((seq, text))
+            if len(frames) >= limit:
+                break
+        missed = self._dropped - self._reported_drops
+        self._reported_drops = self._dropped
+        return Batch(frames, missed)
+
+    def ack(self, seq: int) -> None:
+        """The frame `seq` (and everything before it) reached a client: release them."""
+        while self._frames:
+            first = next(iter(self._frames))
+            if first > seq:
+                break
+            self._bytes -= len(self._frames.pop(first))
+        while self._droppable and self._droppable[0] <= seq:
+            self._droppable.popleft()
+
+    def drain(self) -> list[str]:
+        """Remove and return every frame (the session is going away)."""
+        texts = list(self._frames.values())
+        self._frames.clear()
+        self._droppable.clear()
+        self._bytes = 0
+        return texts
+
+    def statistics(self) -> OutboxStatistics:
+        return OutboxStatistics(
+            frames=len(self._frames),
+            bytes=self._bytes,
+            next_seq=self._next_seq,
+            dropped=self._dropped,
+            dropped_essential=self._dropped_essential,
+            peak_frames=self._peak,
+        )

@@ -1,0 +1,50 @@
+"""The session status state machine and its idle/busy clocks. Pure: the caller passes `now`.
+
+Statuses follow the reference (KALLICHORE_BEHAVIOUR.md §3.2): a new session is `idle`, start
+makes it `starting`, iopub busy/idle statuses move it between `busy` and `idle`, heartbeat loss
+makes it `offline`, and process exit makes it `exited`. Setting the current status again is a
+no-op, so every change yields exactly one status event.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from kallichore_trio.models import Status
+
+#: Statuses in which the idle clock runs (and that "nudge" the idle-shutdown timer).
+IDLE_LIKE: frozenset[str] = frozenset({"idle", "ready", "exited"})
+
+
+@attrs.define
+class SessionState:
+    status: Status = "idle"
+    #: Monotonic instants; None while the clock does not run.
+    idle_since: float | None = None
+    busy_since: float | None = None
+    #: The status before `offline`, restored when the heartbeat comes back.
+    before_offline: Status | None = None
+
+    def set(self, new: Status, now: float) -> bool:
+        """Move to `new`; return whether anything changed (and so an event is due)."""
+        if new == self.status:
+            return False
+        if new == "offline":
+            self.before_offline = self.status
+        elif self.status == "offline":
+            self.before_offline = None
+        self.status = new
+        self.idle_since = now if new in IDLE_LIKE else None
+        self.busy_since = now if new == "busy" else None
+        return True
+
+    def idle_seconds(self, now: float) -> int:
+        return int(now - self.idle_since) if self.idle_since is not None else 0
+
+    def busy_seconds(self, now: float) -> int:
+        return int(now - self.busy_since) if self.busy_since is not None else 0
+
+    @property
+    def running(self) -> bool:
+        """Whether a kernel (or the chance of one) is attached: anything but exited."""
+        return self.status not in ("exited", "uninitialized")
