@@ -9,10 +9,11 @@ number into a string), as the reference server's serde is.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_origin
 
 import attrs
 import cattrs
+from cattrs.cols import list_structure_factory
 from cattrs.gen import make_dict_unstructure_fn
 
 SessionMode = Literal["console", "notebook", "background"]
@@ -206,6 +207,17 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook_func(
         lambda t: t == dict[str, Any], _strict(dict, "an object")
     )
+    def strict_list(cls: Any, c: cattrs.Converter) -> Any:
+        inner = list_structure_factory(cls, c)
+
+        def structure(value: Any, t: Any) -> Any:
+            if not isinstance(value, list):  # an object is iterable too: not an array
+                raise TypeError(f"expected an array, got {type(value).__name__}")
+            return inner(value, t)
+
+        return structure
+
+    conv.register_structure_hook_factory(lambda t: get_origin(t) is list, strict_list)
     conv.register_unstructure_hook(dt.datetime, format_timestamp)
     conv.register_structure_hook(dt.datetime, lambda v, _: dt.datetime.fromisoformat(v))
 

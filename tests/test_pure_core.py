@@ -1,0 +1,139 @@
+"""Table tests of the pure session core: state machine, execution queue, outbox."""
+
+from __future__ import annotations
+
+import pytest
+
+from kallichore_trio.session.outbox import Outbox
+from kallichore_trio.session.queue import ExecutionQueue, QueueFull
+from kallichore_trio.session.state import SessionState
+from kallichore_trio.wire import ClientMessage
+
+
+def request(msg_id: str) -> ClientMessage:
+    return ClientMessage(msg_id=msg_id, msg_type="execute_request", parent=None,
+                         channel="shell", content={"code": "1"}, metadata={})
+
+
+# ---- state ----------------------------------------------------------------------------
+
+
+def test_a_new_session_is_idle_and_setting_the_same_status_is_not_a_change() -> None:
+    state = SessionState(idle_since=0.0)
+    assert state.status == "idle"
+    assert state.set("idle", 5.0) is False
+    assert state.idle_seconds(7.0) == 7
+
+
+@pytest.mark.parametrize(
+    ("new", "idle_since", "busy_since"),
+    [("busy", None, 10.0), ("idle", 10.0, None), ("exited", 10.0, None),
+     ("starting", None, None), ("offline", None, None)],
+)
+def test_clocks_follow_the_status(new: str, idle_since: float | None,
+                                  busy_since: float | None) -> None:
+    state = SessionState(status="ready", idle_since=0.0)
+    assert state.set(new, 10.0)  # type: ignore[arg-type]
+    assert (state.idle_since, state.busy_since) == (idle_since, busy_since)
+
+
+def test_offline_remembers_the_status_to_restore() -> None:
+    state = SessionState(status="busy")
+    state.set("offline", 1.0)
+    assert state.before_offline == "busy"
+    state.set("busy", 2.0)
+    assert state.before_offline is None
+
+
+# ---- execution queue ------------------------------------------------------------------
+
+
+def test_the_first_request_runs_and_the_next_waits() -> None:
+    queue = ExecutionQueue()
+    assert queue.submit(request("a")) is True
+    assert queue.submit(request("b")) is False
+    body = queue.to_dict()
+    assert body["active"]["header"]["msg_id"] == "a"
+    assert (body["length"], [p["header"]["msg_id"] for p in body["pending"]]) == (1, ["b"])
+
+
+def test_only_the_active_request_ending_releases_the_next() -> None:
+    queue = ExecutionQueue()
+    for msg_id in "abc":
+        queue.submit(request(msg_id))
+    assert queue.finished("some-comm-msg") is None
+    assert queue.finished("a").msg_id == "b"  # type: ignore[union-attr]
+    assert queue.finished("a") is None  # a's idle after its reply: nothing more
+    assert queue.finished("b").msg_id == "c"  # type: ignore[union-attr]
+    assert queue.finished("c") is None
+    assert queue.to_dict() == {"length": 0, "pending": []}
+
+
+def test_clear_drops_active_and_pending() -> None:
+    queue = ExecutionQueue()
+    queue.submit(request("a"))
+    queue.submit(request("b"))
+    assert [m.msg_id for m in queue.clear()] == ["a", "b"]
+    assert queue.submit(request("c")) is True
+
+
+def test_the_queue_is_bounded() -> None:
+    queue = ExecutionQueue(capacity=2)
+    for msg_id in "abc":
+        queue.submit(request(msg_id))
+    with pytest.raises(QueueFull):
+        queue.submit(request("d"))
+
+
+# ---- outbox ---------------------------------------------------------------------------
+
+
+def test_frames_come_out_in_order_and_ack_releases_them() -> None:
+    outbox = Outbox(max_frames=10, max_bytes=1000)
+    seqs = [outbox.append(t) for t in ("a", "b", "c")]
+    assert seqs == [0, 1, 2]
+    assert outbox.read().frames == [(0, "a"), (1, "b"), (2, "c")]
+    outbox.ack(1)
+    assert outbox.read().frames == [(2, "c")]
+    assert outbox.statistics().bytes == 1
+
+
+def test_overflow_drops_the_oldest_droppable_frame_and_counts_it() -> None:
+    outbox = Outbox(max_frames=3, max_bytes=1000)
+    outbox.append("status-1")
+    outbox.append("stream-1", droppable=True)
+    outbox.append("status-2")
+    outbox.append("stream-2", droppable=True)
+    batch = outbox.read()
+    assert [t for _, t in batch.frames] == ["status-1", "status-2", "stream-2"]
+    assert batch.missed == 1
+    assert outbox.read().missed == 0  # each drop is reported once
+
+
+def test_essential_frames_are_kept_up_to_twice_the_bound() -> None:
+    outbox = Outbox(max_frames=2, max_bytes=1000)
+    for i in range(4):
+        outbox.append(f"status-{i}")
+    assert len(outbox) == 4
+    outbox.append("status-4")
+    assert [t for _, t in outbox.read().frames] == [f"status-{i}" for i in range(1, 5)]
+    stats = outbox.statistics()
+    assert (stats.dropped, stats.dropped_essential) == (1, 1)
+
+
+def test_the_byte_bound_holds() -> None:
+    outbox = Outbox(max_frames=1000, max_bytes=10)
+    for _ in range(20):
+        outbox.append("12345", droppable=True)
+    assert outbox.statistics().bytes <= 10
+
+
+def test_acked_droppable_frames_are_not_dropped_twice() -> None:
+    outbox = Outbox(max_frames=2, max_bytes=1000)
+    outbox.append("s1", droppable=True)
+    outbox.ack(0)
+    outbox.append("s2", droppable=True)
+    outbox.append("s3", droppable=True)
+    outbox.append("s4", droppable=True)
+    assert [t for _, t in outbox.read().frames] == ["s3", "s4"]
+    assert outbox.statistics().dropped == 1
