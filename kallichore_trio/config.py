@@ -51,6 +51,8 @@ class Timeouts:
     client_write: float = 30.0
     #: WebSocket keep-alive ping period; a client missing more than 3 pongs is dropped.
     client_ping: float = 10.0
+    #: What `idle_shutdown_hours: 0` means: shut down this long after everything went idle.
+    idle_zero_hours: float = 30.0
     #: How long a per-session socket waits for "GET " before assuming raw WebSocket framing.
     socket_sniff: float = 5.0
     #: Connecting to the client's --handshake-socket and writing the connection document.

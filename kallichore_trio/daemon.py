@@ -33,12 +33,10 @@ from kallichore_trio.config import Config
 from kallichore_trio.errors import ConfigurationError
 from kallichore_trio.models import ServerConfiguration
 from kallichore_trio.registry import SessionRegistry
+from kallichore_trio.session.resources import ProcessTreeSampler
 from kallichore_trio.wsconn import main_socket_path, remove_stale_socket
 
 log = logging.getLogger(__name__)
-
-#: `idle_shutdown_hours: 0` means "shortly after everything is idle".
-ZERO_HOURS_SECONDS = 30.0
 
 
 @attrs.frozen
@@ -63,6 +61,7 @@ class Daemon:
         self.socket_listeners: dict[str, trio.CancelScope] = {}
         self._last_activity = trio.current_time()
         self._config_changed = trio.Event()
+        self._sampler_wake = trio.Event()
 
     def __repr__(self) -> str:
         return f"<Daemon {self.registry!r} idle_hours={self.idle_shutdown_hours}>"
@@ -102,6 +101,7 @@ class Daemon:
             log.info("idle shutdown: %s", "disabled" if hours < 0 else f"{hours} h")
         if interval is not None:
             self.resource_sample_interval_ms = 0 if interval == 0 else max(interval, 100)
+            self._sampler_wake.set()
         self.nudge()
         self._config_changed.set()
 
@@ -111,7 +111,7 @@ class Daemon:
         hours = self.idle_shutdown_hours
         if hours is None:
             return None
-        return ZERO_HOURS_SECONDS if hours == 0 else hours * 3600.0
+        return self.config.timeouts.idle_zero_hours if hours == 0 else hours * 3600.0
 
     def _busy_reason(self) -> str | None:
         if self.client_pid is not None and self.client_pid > 1:
@@ -146,6 +146,32 @@ class Daemon:
                 continue
             self.request_shutdown(f"idle for {period:.0f} s")
             return
+
+    async def resource_sampler(self) -> None:
+        """Every interval, sample the kernels that have a client attached (nobody else sees
+        the figures, so sampling costs nothing while no client is connected)."""
+        samplers: dict[int, ProcessTreeSampler] = {}
+        while True:
+            self._sampler_wake = trio.Event()
+            interval = self.resource_sample_interval_ms
+            if interval <= 0:
+                samplers.clear()
+                await self._sampler_wake.wait()
+                continue
+            with trio.move_on_after(interval / 1000):
+                await self._sampler_wake.wait()
+            live: set[int] = set()
+            for session in list(self.registry.sessions.values()):
+                pid = session.kernel.pid if session.kernel else None
+                if pid is None or not session.connected:
+                    continue
+                live.add(pid)
+                sampler = samplers.setdefault(pid, ProcessTreeSampler(pid))
+                usage = sampler.sample(interval)
+                if usage is not None:
+                    session.on_resource_usage(usage)
+            for pid in set(samplers) - live:
+                del samplers[pid]
 
     async def watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -207,6 +233,7 @@ async def run_daemon(
                 )
                 root.start_soon(daemon.watch_signals)
                 root.start_soon(daemon.idle_watchdog)
+                root.start_soon(daemon.resource_sampler)
                 log.info("listening on %s", address.base_path or address.socket_path)
                 task_status.started(address)
                 await daemon.shutdown_requested.wait()

@@ -72,7 +72,7 @@ def new_session_body(session_id: str, argv: list[str] | None = None, **fields: A
     return body
 
 
-def test_config(tmp_path: Path, **overrides: Any) -> Config:
+def daemon_config(tmp_path: Path, **overrides: Any) -> Config:
     timeouts = Timeouts(shutdown_request=3.0, terminate=2.0, kill=2.0)
     values: dict[str, Any] = {
         "token": TOKEN,
@@ -86,7 +86,7 @@ def test_config(tmp_path: Path, **overrides: Any) -> Config:
 
 @pytest.fixture
 async def daemon(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RunningDaemon]:
-    config = test_config(tmp_path)
+    config = daemon_config(tmp_path)
     async for running in _daemon(nursery, config):
         yield running
 

@@ -244,6 +244,10 @@ class KernelSession:
             log.warning("session %s: lost heartbeat", self.session_id)
             self.set_status("offline", "lost heartbeat")
 
+    def on_resource_usage(self, usage: ResourceUsage) -> None:
+        self.resource_usage = usage
+        self.emit(wire.resource_usage_event(dump(usage)), droppable=True)
+
     def on_handshake(self, info: ConnectionInfo) -> None:
         self.connection = info
         self.emit(wire.handshake_completed_event(self.session_id, dump(info)))
