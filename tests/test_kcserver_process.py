@@ -1,0 +1,247 @@
+"""The real `kcserver` console script, launched the ways Positron and `make run` launch it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import pytest
+import trio
+
+KCSERVER = Path(sys.executable).parent / "kcserver"
+STARTUP_TIMEOUT = 20.0
+#: The daemon waits up to 30 s for kernels after SIGTERM; with none it should be quick.
+EXIT_TIMEOUT = 40.0
+
+pytestmark = pytest.mark.skipif(
+    not KCSERVER.exists(), reason="kcserver is not installed: pip install -e '.[test]'"
+)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    # Unix socket paths must stay under 104 bytes; pytest's tmp_path may not.
+    d = Path(tempfile.mkdtemp(prefix="kcp-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@attrs.define
+class Server:
+    process: trio.Process
+    doc: dict[str, Any]
+    out: Path
+    err: Path
+
+    def client(self) -> httpx.AsyncClient:
+        headers = {}
+        if self.doc.get("bearer_token"):
+            headers["Authorization"] = f"Bearer {self.doc['bearer_token']}"
+        if "socket_path" in self.doc:
+            transport = httpx.AsyncHTTPTransport(uds=self.doc["socket_path"])
+            return httpx.AsyncClient(transport=transport, base_url="http://localhost",
+                                     headers=headers, timeout=10)
+        return httpx.AsyncClient(base_url=self.doc["base_path"], headers=headers, timeout=10)
+
+    async def wait_exit(self) -> int:
+        with trio.fail_after(EXIT_TIMEOUT):
+            return await self.process.wait()
+
+    def output(self) -> str:
+        return self.out.read_text() + self.err.read_text()
+
+
+@asynccontextmanager
+async def launch(
+    args: list[str], work: Path, *, handshake: Path | None = None
+) -> AsyncIterator[Server]:
+    """Start kcserver, wait for its connection document (file or handshake), and make sure it
+    is gone afterwards."""
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(work))
+    env.pop("RUST_LOG", None)
+    out, err = work / "stdout.txt", work / "stderr.txt"
+    listener = None
+    if handshake is not None:
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(str(handshake))
+        os.chmod(handshake, 0o600)
+        listener.listen(1)
+    with out.open("wb") as fout, err.open("wb") as ferr:
+        process = await trio.lowlevel.open_process(
+            [str(KCSERVER), *args], stdout=fout, stderr=ferr, env=env, cwd=work
+        )
+    try:
+        with trio.fail_after(STARTUP_TIMEOUT):
+            if listener is not None:
+                with listener:
+                    doc = await _read_handshake(listener)
+            else:
+                conn_file = Path(args[args.index("--connection-file") + 1])
+                doc = await _poll_connection_file(conn_file, process)
+        yield Server(process, doc, out, err)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+async def _read_handshake(listener: trio.socket.SocketType) -> dict[str, Any]:
+    conn, _ = await listener.accept()
+    data = bytearray()
+    with conn:
+        while chunk := await conn.recv(65536):
+            data.extend(chunk)
+    assert data.endswith(b"\n")
+    return json.loads(data)
+
+
+async def _poll_connection_file(path: Path, process: trio.Process) -> dict[str, Any]:
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"kcserver exited early with {process.returncode}")
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            await trio.sleep(0.05)
+
+
+async def check_status(server: Server) -> None:
+    async with server.client() as client:
+        response = await client.get("/status")
+    assert response.status_code == 200
+    status = response.json()
+    assert status["server_id"] == server.doc["server_id"]
+    assert status["process_id"] == server.process.pid == server.doc["server_pid"]
+
+
+async def stop(server: Server, how: str) -> None:
+    if how == "sigterm":
+        server.process.send_signal(signal.SIGTERM)
+    else:
+        async with server.client() as client:
+            response = await client.post("/shutdown")
+        assert response.status_code == 200
+    assert await server.wait_exit() == 0, server.output()
+
+
+MODES = {
+    "tcp-connection-file-no-token": ["--transport", "tcp", "--token", "none"],
+    "socket-connection-file": [],
+}
+
+
+@pytest.mark.parametrize("how", ["sigterm", "shutdown"])
+@pytest.mark.parametrize("mode", list(MODES))
+async def test_connection_file_modes(mode: str, how: str, short_dir: Path) -> None:
+    conn_file = short_dir / "kallichore-1.json"
+    log_file = short_dir / "kallichore-1.log"
+    args = ["--connection-file", str(conn_file), "--log-file", str(log_file),
+            "--log-level", "debug", *MODES[mode]]
+    async with launch(args, short_dir) as server:
+        doc = server.doc
+        assert doc["server_pid"] == server.process.pid
+        assert doc["log_path"] == str(log_file)
+        assert (conn_file.stat().st_mode & 0o777) == 0o600
+        if mode.startswith("tcp"):
+            assert doc["transport"] == "tcp" and doc["bearer_token"] is None
+            assert doc["base_path"] == f"http://127.0.0.1:{doc['port']}"
+            assert "socket_path" not in doc
+            main_socket = None
+        else:
+            assert doc["transport"] == "socket" and "port" not in doc
+            assert re.fullmatch(r"[0-9a-f]{16}", doc["bearer_token"])
+            main_socket = Path(doc["socket_path"])
+            assert main_socket.parent == short_dir  # generated in $XDG_RUNTIME_DIR
+        await check_status(server)
+        await stop(server, how)
+        if main_socket is not None:
+            assert not main_socket.exists()
+        token = doc["bearer_token"]
+        if token:
+            assert token not in server.output()
+            assert token not in log_file.read_text()
+        assert "Listening" in server.out.read_text()
+
+
+@pytest.mark.parametrize("how", ["sigterm", "shutdown"])
+async def test_handshake_socket(how: str, short_dir: Path) -> None:
+    handshake = short_dir / "hs.sock"
+    args = ["--handshake-socket", str(handshake), "--log-level", "debug"]
+    async with launch(args, short_dir, handshake=handshake) as server:
+        doc = server.doc
+        assert doc["transport"] == "socket" and "log_path" not in doc
+        assert set(doc) == {"socket_path", "transport", "server_path", "server_pid",
+                            "bearer_token", "server_id"}
+        main_socket = Path(doc["socket_path"])
+        assert (main_socket.stat().st_mode & 0o777) == 0o600
+        await check_status(server)
+        # An authenticated call with a wrong token is refused: the token is real.
+        async with server.client() as client:
+            client.headers["Authorization"] = "Bearer wrong"
+            assert (await client.post("/shutdown")).status_code == 401
+        await stop(server, how)
+        assert not main_socket.exists()
+        assert doc["bearer_token"] not in server.output()
+
+
+async def test_handshake_failure_exits_nonzero(short_dir: Path) -> None:
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(short_dir))
+    with trio.fail_after(STARTUP_TIMEOUT):
+        result = await trio.run_process(
+            [str(KCSERVER), "--handshake-socket", str(short_dir / "nobody.sock")],
+            env=env, capture_stdout=True, capture_stderr=True, check=False,
+        )
+    assert result.returncode != 0
+    assert b"handshake socket" in result.stderr
+    assert not list(short_dir.glob("kc-*.sock"))
+
+
+async def test_make_run_prints_a_working_curl(short_dir: Path) -> None:
+    out = short_dir / "stdout.txt"
+    with out.open("wb") as fout:
+        process = await trio.lowlevel.open_process(
+            [str(KCSERVER), "--transport", "tcp"], stdout=fout, stderr=subprocess.STDOUT,
+            cwd=short_dir,
+        )
+    try:
+        with trio.fail_after(STARTUP_TIMEOUT):
+            while "Try: " not in (text := out.read_text()):
+                assert process.poll() is None, text
+                await trio.sleep(0.05)
+        assert re.search(r"^Listening at 127\.0\.0\.1:\d+$", text, re.M)
+        token = re.search(r"^Token: ([0-9a-f]{16})$", text, re.M)
+        assert token, text
+        curl = re.search(r"^Try: (curl .*)$", text, re.M)
+        assert curl and token.group(1) in curl.group(1)
+        if shutil.which("curl"):
+            result = await trio.run_process(
+                [*shlex.split(curl.group(1)), "-sS", "-f"], capture_stdout=True, check=False
+            )
+            assert result.returncode == 0
+            assert json.loads(result.stdout)["sessions"] == []
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(EXIT_TIMEOUT):
+            assert await process.wait() == 0
+        assert text.count(token.group(1)) == 2  # the Token line and the curl line, nowhere else
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
