@@ -19,8 +19,13 @@ from typing import Any
 
 import attrs
 import httpx
+import psutil
 import pytest
 import trio
+from httpx_ws import aconnect_ws
+
+from tests.conftest import new_session_body
+from tests.test_end_to_end import execute_request, is_idle_for
 
 KCSERVER = Path(sys.executable).parent / "kcserver"
 STARTUP_TIMEOUT = 20.0
@@ -245,3 +250,47 @@ async def test_make_run_prints_a_working_curl(short_dir: Path) -> None:
             process.kill()
         with trio.CancelScope(shield=True):
             await process.wait()
+
+
+async def test_kernel_through_the_process_over_socket_transport(short_dir: Path) -> None:
+    """Positron's Gen 2 launch: connection file, socket transport, channels on a per-session
+    socket reached as ws+unix://<path>:/api/channels/<id>."""
+    conn_file = short_dir / "kallichore-k.json"
+    args = ["--connection-file", str(conn_file), "--transport", "socket",
+            "--log-level", "debug", "--log-file", str(short_dir / "k.log")]
+    async with launch(args, short_dir) as server:
+        session_id = "python-proc1"
+        async with server.client() as client:
+            client.timeout = httpx.Timeout(60)
+            created = await client.put("/sessions", json=new_session_body(session_id))
+            assert created.status_code == 200, created.text
+            started = await client.post(f"/sessions/{session_id}/start")
+            assert started.json()["status"] == "ok", started.text
+            kernel_pid = (await client.get(f"/sessions/{session_id}")).json()["process_id"]
+            channel_path = Path((await client.get(f"/sessions/{session_id}/channels")).json())
+            assert channel_path.parent == short_dir
+            assert (channel_path.stat().st_mode & 0o777) == 0o600
+
+            transport = httpx.AsyncHTTPTransport(uds=str(channel_path))
+            async with httpx.AsyncClient(transport=transport) as ws_http:
+                url = f"http://localhost/api/channels/{session_id}"
+                async with aconnect_ws(url, ws_http) as ws:
+                    msg_id = "m-1"
+                    await ws.send_text(json.dumps(execute_request("print(6 * 7)", msg_id)))
+                    out = ""
+                    with trio.fail_after(30):
+                        while True:
+                            frame = json.loads(await ws.receive_text())
+                            if (frame.get("kind") == "jupyter"
+                                    and frame["header"]["msg_type"] == "stream"):
+                                out += frame["content"]["text"]
+                            if is_idle_for(frame, msg_id):
+                                break
+                    assert out == "42\n"
+        await stop(server, "sigterm")
+        # A deliberate shutdown leaves nothing behind: kernel, main and session sockets.
+        assert not psutil.pid_exists(kernel_pid) or (
+            psutil.Process(kernel_pid).status() == psutil.STATUS_ZOMBIE
+        )
+        assert not Path(server.doc["socket_path"]).exists()
+        assert not channel_path.exists()
