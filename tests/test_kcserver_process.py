@@ -281,8 +281,10 @@ async def test_kernel_through_the_process_over_socket_transport(short_dir: Path)
                     with trio.fail_after(30):
                         while True:
                             frame = json.loads(await ws.receive_text())
+                            # stdout only: ipykernel may warn on stderr (frozen modules).
                             if (frame.get("kind") == "jupyter"
-                                    and frame["header"]["msg_type"] == "stream"):
+                                    and frame["header"]["msg_type"] == "stream"
+                                    and frame["content"]["name"] == "stdout"):
                                 out += frame["content"]["text"]
                             if is_idle_for(frame, msg_id):
                                 break
