@@ -179,6 +179,14 @@ class Daemon:
                 self.request_shutdown(f"received {signal.Signals(signum).name}")
 
 
+async def _run_watchers(daemon: Daemon, scope: trio.CancelScope) -> None:
+    with scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.watch_signals)
+            nursery.start_soon(daemon.idle_watchdog)
+            nursery.start_soon(daemon.resource_sampler)
+
+
 def _bind_socket(config: Config) -> tuple[socket.socket, ServerAddress, Path | None]:
     """Bind the API socket ourselves so that its mode is 0600 before anyone can connect."""
     if config.transport == "socket":
@@ -231,9 +239,8 @@ async def run_daemon(
                     partial(hypercorn.trio.serve, app, _hypercorn_config(sock),
                             shutdown_trigger=stop_http.wait)
                 )
-                root.start_soon(daemon.watch_signals)
-                root.start_soon(daemon.idle_watchdog)
-                root.start_soon(daemon.resource_sampler)
+                watchers = trio.CancelScope()
+                root.start_soon(_run_watchers, daemon, watchers)
                 log.info("listening on %s", address.base_path or address.socket_path)
                 task_status.started(address)
                 await daemon.shutdown_requested.wait()
@@ -242,6 +249,7 @@ async def run_daemon(
                     for scope in daemon.socket_listeners.values():
                         scope.cancel()
                     sessions_nursery.cancel_scope.cancel()
+            watchers.cancel()
             # Let the HTTP response to POST /shutdown go out, then stop serving.
             await trio.sleep(0.05)
             stop_http.set()
