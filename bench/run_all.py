@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="python of the environment that has jupyter_server")
     p.add_argument("--kallichore-python", default=sys.executable,
                    help="python that runs `-m kallichore_trio` (default: this one)")
+    p.add_argument("--kallichore-command",
+                   help="command for the daemon instead (e.g. a kcserver binary); "
+                        "split on spaces, the tcp/port/token/connection-file flags are added")
     p.add_argument("--targets", default=",".join(TARGETS), help=f"subset of {','.join(TARGETS)}")
     p.add_argument("--only", default="", help=f"subset of {','.join(STAGES)}")
     p.add_argument("--quick", action="store_true", help="short smoke run")
@@ -107,9 +110,11 @@ async def main_async(a: argparse.Namespace, work: Path) -> int:
         return 2
     log_dir = Path(a.results).parent
     log_dir.mkdir(parents=True, exist_ok=True)
+    kt_command = (a.kallichore_command.split() if a.kallichore_command
+                  else [a.kallichore_python, "-m", "kallichore_trio"])  # fmt: skip
     candidates: dict[str, Target] = {
         "raw": RawTarget(),
-        "kallichore-trio": KallichoreTarget(a.kallichore_python, log_dir, a.interrupt_mode),
+        "kallichore-trio": KallichoreTarget(kt_command, log_dir, a.interrupt_mode),
         "jupyter-server": JupyterServerTarget(
             a.jupyter_server_python, log_dir, work / "jupyter", a.js_protocol
         ),

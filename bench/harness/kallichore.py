@@ -78,8 +78,8 @@ class KallichoreSession(Session):
 class KallichoreTarget(Target):
     name = "kallichore-trio"
 
-    def __init__(self, python: str, log_dir: Path, interrupt_mode: str = "signal") -> None:
-        self.python = python
+    def __init__(self, command: list[str], log_dir: Path, interrupt_mode: str = "signal") -> None:
+        self.command = command  # e.g. [python, "-m", "kallichore_trio"] or ["kcserver"]
         self.log_path = log_dir / "kallichore-trio.log"
         self.interrupt_mode = interrupt_mode
         self.proc: subprocess.Popen | None = None
@@ -95,7 +95,7 @@ class KallichoreTarget(Target):
 
     async def start(self) -> None:
         conn_file = Path(self._tmp.name) / "server.json"
-        argv = [self.python, "-m", "kallichore_trio", "--transport", "tcp", "--port", "0",
+        argv = [*self.command, "--transport", "tcp", "--port", "0",
                 "--token", "none", "--connection-file", str(conn_file)]  # fmt: skip
         self.proc = procs.spawn(argv, self.log_path)
         try:

@@ -110,6 +110,8 @@ class Bench:
         try:
             if "rtt" in stages:
                 await self.rtt(sessions)
+                if self.py_spy:
+                    await self.profile("rtt", sessions, self.rtt_profile_load)
             if "output" in stages:
                 await self.output(sessions)
             if "interrupt" in stages:
@@ -156,6 +158,11 @@ class Bench:
         rates: dict[str, list[float]] = {name: [] for name in sessions}
         ordered: dict[str, bool] = dict.fromkeys(sessions, True)
         msgs: dict[str, list[int]] = {name: [] for name in sessions}
+        for name, s in sessions.items():  # warm-up: the first big cell of a kernel is slower
+            try:
+                await s.execute("for i in range(500):\n    print(i, flush=True)", timeout=60)
+            except BenchError as exc:
+                self.r.error(name, "output", exc)
         for _ in range(self.p.rounds):
             for name, s in sessions.items():
                 try:
@@ -256,29 +263,44 @@ class Bench:
                                               "rates": rates[name], "server_cpu_us": cpu[name],
                                               "client_cpu_us": client_cpu[name]})  # fmt: skip
             if self.py_spy:
-                await self.profile_relay(sessions, targets)
+                await self.profile("relay", sessions, self.relay_profile_load)
         finally:
             await self.close_all(sessions)
 
-    async def profile_relay(self, sessions: dict[str, Session], targets: dict[str, Target]) -> None:
-        """One extra, unmeasured flood per server with py-spy attached (it costs CPU too)."""
+    async def rtt_profile_load(self, s: Session) -> None:
+        for _ in range(max(200, self.p.rtt_runs)):
+            await s.execute("1+1", timeout=30)
+
+    async def relay_profile_load(self, s: Session) -> None:
+        await s.execute(f"flood {self.p.flood_messages}", timeout=300)
+
+    async def profile(
+        self,
+        stage: str,
+        sessions: dict[str, Session],
+        load: Callable[[Session], Awaitable[None]],
+    ) -> None:
+        """Repeat a stage's load, unmeasured, with py-spy on each server (it costs CPU too)."""
         assert self.py_spy is not None
+        targets = {t.name: t for t in self.targets}
         for name, s in sessions.items():
             pid = targets[name].server_pid()
             if not pid:
                 continue
-            raw = self.out_dir / f"relay-profile-{name}.collapsed"
+            raw = self.out_dir / f"{stage}-profile-{name}.collapsed"
             spy = PySpy(self.py_spy, pid, raw)
             try:
                 await asyncio.sleep(0.5)
-                await s.execute(f"flood {self.p.flood_messages}", timeout=300)
+                await load(s)
+            except BenchError as exc:
+                self.r.error(name, f"{stage}-profile", exc)
             finally:
                 await spy.stop()
             if raw.exists():
                 lines = summarize(raw)
-                (self.out_dir / f"relay-profile-{name}.txt").write_text("\n".join(lines) + "\n")
-                self.r.detail("profile", name, lines)
-                print(f"  py-spy, {name} during the flood:", *lines[:12], sep="\n    ")
+                (self.out_dir / f"{stage}-profile-{name}.txt").write_text("\n".join(lines) + "\n")
+                self.r.details.setdefault("profile", {}).setdefault(stage, {})[name] = lines
+                print(f"  py-spy, {name}, {stage}:", *lines[:12], sep="\n    ", flush=True)
 
     # -- kernel start, concurrent starts, idle cost -----------------------------------------
     async def starts(self, stages: set[str]) -> None:
