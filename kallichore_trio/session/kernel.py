@@ -101,6 +101,9 @@ class Kernel:
         self.process: trio.Process | None = None
         self.returncode: int | None = None
         self.exited = trio.Event()
+        #: Set once the incarnation is over: process reaped, sockets closed, ports and files
+        #: released (the next incarnation reuses the connection file's path).
+        self.finished = trio.Event()
         self.started = False
         self._signer = session.signer
         self._identity = zmq_identity(session.session_id)
@@ -169,7 +172,10 @@ class Kernel:
                         await trio.sleep_forever()
         finally:
             with trio.CancelScope(shield=True):
-                await self._reap()
+                try:
+                    await self._reap()
+                finally:
+                    self.finished.set()
         if failure is not None:
             raise failure
         if not self.started:

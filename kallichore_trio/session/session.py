@@ -310,6 +310,11 @@ class KernelSession:
     async def _start_locked(self) -> dict[str, Any]:
         if not self.model.argv:
             raise StartupFailure(ProcessStartFailed("No arguments provided"))
+        previous = self.kernel
+        if previous is not None:
+            # Its cleanup removes the connection file whose path the new kernel reuses.
+            with trio.move_on_after(self.config.timeouts.kill):
+                await previous.finished.wait()
         self.set_status("starting", "start API called")
         try:
             kernel = self._prepare_kernel()
