@@ -1,0 +1,121 @@
+"""A minimal Jupyter kernel (pyzmq + hmac, no ipykernel) with misbehaviours chosen by argv.
+
+Usage: mini_kernel.py <connection file> <mode>
+
+Modes:
+  normal        answers kernel_info/execute/shutdown with busy/idle on iopub; echoes heartbeats
+  exit_at_once  prints a line to stderr and exits with code 3 before binding anything
+  never_answers binds nothing and sleeps
+  ignore_term   like normal, but ignores SIGTERM (says so on stderr) and shutdown_request
+  spawn_child   like normal, but first starts a child process and prints `child pid <n>`
+  hb_pause      like normal; an execute_request whose code is a number stops heartbeat echoes
+                for that many seconds (after the reply and idle)
+
+Every mode first prints `mini kernel pid <n>` on stdout.
+"""
+
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+mode = sys.argv[2] if len(sys.argv) > 2 else "normal"
+print(f"mini kernel pid {os.getpid()}", flush=True)
+
+if mode == "exit_at_once":
+    print("mini kernel: failing on purpose", file=sys.stderr, flush=True)
+    sys.exit(3)
+if mode == "never_answers":
+    while True:
+        time.sleep(3600)
+
+import zmq  # noqa: E402
+
+info = json.load(open(sys.argv[1]))
+key = info["key"].encode()
+ctx = zmq.Context()
+
+
+def on_term(signum, frame):
+    print("mini kernel: ignored SIGTERM", file=sys.stderr, flush=True)
+
+
+if mode == "ignore_term":
+    signal.signal(signal.SIGTERM, on_term)
+if mode == "spawn_child":
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    print(f"child pid {child.pid}", flush=True)
+
+
+def sign(parts):
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:
+        mac.update(part)
+    return mac.hexdigest().encode()
+
+
+def message(msg_type, content, parent=None):
+    header = {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "session": "mini",
+              "username": "kernel", "version": "5.3",
+              "date": datetime.datetime.now(datetime.UTC).isoformat()}
+    parts = [json.dumps(p).encode() for p in (header, parent or {}, {}, content)]
+    return [b"<IDS|MSG>", sign(parts), *parts]
+
+
+url = f"{info['transport']}://{info['ip']}:"
+sockets = {}
+for name, kind in (("shell", zmq.ROUTER), ("control", zmq.ROUTER), ("stdin", zmq.ROUTER),
+                   ("iopub", zmq.PUB), ("hb", zmq.ROUTER)):
+    sock = ctx.socket(kind)
+    sock.bind(url + str(info[f"{name}_port"]))
+    sockets[name] = sock
+iopub, hb = sockets["iopub"], sockets["hb"]
+
+poller = zmq.Poller()
+for sock in sockets.values():
+    poller.register(sock, zmq.POLLIN)
+hb_paused_until = 0.0
+execution_count = 0
+while True:
+    if hb_paused_until and time.monotonic() >= hb_paused_until:
+        hb_paused_until = 0.0
+        poller.register(hb, zmq.POLLIN)
+    for sock, _ in poller.poll(100):
+        frames = sock.recv_multipart()
+        if sock is hb:
+            sock.send_multipart(frames)
+            continue
+        delim = frames.index(b"<IDS|MSG>")
+        idents, header = frames[:delim], json.loads(frames[delim + 2])
+        content = json.loads(frames[delim + 5])
+        parent = header
+        msg_type = header["msg_type"]
+        iopub.send_multipart(message("status", {"execution_state": "busy"}, parent))
+        pause = 0.0
+        if msg_type == "kernel_info_request":
+            reply = {"status": "ok", "protocol_version": "5.3", "implementation": "mini",
+                     "implementation_version": "1", "banner": "",
+                     "language_info": {"name": "mini", "version": "1"}}
+            sock.send_multipart(idents + message("kernel_info_reply", reply, parent))
+        elif msg_type == "execute_request":
+            execution_count += 1
+            if mode == "hb_pause":
+                pause = float(content.get("code") or 0)
+            reply = {"status": "ok", "execution_count": execution_count,
+                     "user_expressions": {}}
+            sock.send_multipart(idents + message("execute_reply", reply, parent))
+        elif msg_type == "shutdown_request":
+            sock.send_multipart(idents + message("shutdown_reply", {"status": "ok"}, parent))
+            if mode != "ignore_term":
+                iopub.send_multipart(message("status", {"execution_state": "idle"}, parent))
+                sys.exit(0)
+        iopub.send_multipart(message("status", {"execution_state": "idle"}, parent))
+        if pause:
+            hb_paused_until = time.monotonic() + pause
+            poller.unregister(hb)
