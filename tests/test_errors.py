@@ -1,0 +1,137 @@
+"""Error answers of the HTTP API (KALLICHORE_BEHAVIOUR.md §1.1 and the §1.5 table)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import RunningDaemon, new_session_body
+from tests.lifecycle_helpers import mini_argv, wait_status
+
+SESSION_ROUTES = [
+    ("GET", "/sessions/{id}"),
+    ("DELETE", "/sessions/{id}"),
+    ("POST", "/sessions/{id}/start"),
+    ("POST", "/sessions/{id}/restart"),
+    ("POST", "/sessions/{id}/kill"),
+    ("POST", "/sessions/{id}/interrupt"),
+    ("GET", "/sessions/{id}/connection_info"),
+]
+
+
+def assert_empty(response: httpx.Response, status: int) -> None:
+    assert response.status_code == status
+    assert response.content == b""
+    assert "content-type" not in response.headers
+
+
+@pytest.mark.parametrize(("method", "path"), SESSION_ROUTES)
+async def test_unknown_session_is_404_with_an_empty_body(
+    daemon: RunningDaemon, method: str, path: str
+) -> None:
+    response = await daemon.client.request(method, path.format(id="no-such-session"))
+    assert_empty(response, 404)
+
+
+async def test_channels_upgrade_for_an_unknown_session_is_400_ks1(daemon: RunningDaemon) -> None:
+    headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    response = await daemon.client.get("/sessions/no-such-session/channels", headers=headers)
+    assert response.status_code == 400
+    assert response.json() == {
+        "code": "KS-1",
+        "message": "Session no-such-session not found",
+        "details": "Establishing a websocket connection requires a valid session ID",
+    }
+
+
+async def test_requests_without_the_token_are_401_with_an_empty_body(
+    daemon: RunningDaemon,
+) -> None:
+    session_id = await daemon.create(mini_argv("normal"))
+    async with httpx.AsyncClient(base_url=daemon.base) as anonymous:
+        for method, path in SESSION_ROUTES[1:]:
+            assert_empty(await anonymous.request(method, path.format(id=session_id)), 401)
+        response = await anonymous.put("/sessions", json=new_session_body("x"))
+        assert_empty(response, 401)
+        wrong = {"Authorization": "Bearer not-the-token"}
+        assert_empty(await anonymous.post(f"/sessions/{session_id}/start", headers=wrong), 401)
+        # Reads are not authenticated, as in the reference.
+        assert (await anonymous.get(f"/sessions/{session_id}")).status_code == 200
+    assert (await daemon.client.get(f"/sessions/{session_id}")).json()["status"] == "idle"
+
+
+async def test_unknown_path_is_404_and_wrong_method_is_405_with_empty_bodies(
+    daemon: RunningDaemon,
+) -> None:
+    assert_empty(await daemon.client.get("/no/such/path"), 404)
+    assert_empty(await daemon.client.post("/sessions"), 405)
+    assert_empty(await daemon.client.delete("/status"), 405)
+
+
+async def test_malformed_json_and_missing_fields_are_text_400(daemon: RunningDaemon) -> None:
+    response = await daemon.client.put("/sessions", content=b"{not json")
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.text.startswith(
+        "Couldn't parse body parameter NewSession - doesn't match schema")
+    body = new_session_body("missing-fields")
+    del body["argv"]
+    response = await daemon.client.put("/sessions", json=body)
+    assert response.status_code == 400
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "doesn't match schema" in response.text and "argv" in response.text
+    response = await daemon.client.put("/sessions", content=b"")
+    assert response.status_code == 400
+    assert response.text == "Missing required body parameter NewSession"
+    assert (await daemon.client.get("/sessions")).json()["total"] == 0
+
+
+async def test_duplicate_session_is_ks0(daemon: RunningDaemon) -> None:
+    session_id = await daemon.create(mini_argv("normal"))
+    response = await daemon.client.put("/sessions", json=new_session_body(session_id))
+    assert response.status_code == 400
+    assert response.json() == {"code": "KS-0", "message": f"Session {session_id} already exists"}
+
+
+async def test_missing_kernel_path_is_ks19(daemon: RunningDaemon) -> None:
+    body = new_session_body("bad-path", ["/no/such/kernel", "{connection_file}"])
+    response = await daemon.client.put("/sessions", json=body)
+    assert response.status_code == 400
+    assert response.json() == {"code": "KS-19", "message": "Kernel path not found: /no/such/kernel"}
+    body = new_session_body("bad-relative", ["no-such-kernel-on-path-xyz"])
+    response = await daemon.client.put("/sessions", json=body)
+    assert response.status_code == 400 and response.json()["code"] == "KS-19"
+    assert (await daemon.client.get("/sessions")).json()["total"] == 0
+
+
+async def test_delete_of_a_running_session_is_ks2_and_kill_of_an_exited_one_is_ks3(
+    daemon: RunningDaemon,
+) -> None:
+    session_id = await daemon.create(mini_argv("normal"))
+    assert (await daemon.start(session_id)).status_code == 200
+    response = await daemon.client.delete(f"/sessions/{session_id}")
+    assert response.status_code == 400 and response.json()["code"] == "KS-2"
+    assert (await daemon.client.post(f"/sessions/{session_id}/kill")).status_code == 200
+    await wait_status(daemon, session_id, "exited")
+    response = await daemon.client.post(f"/sessions/{session_id}/kill")
+    assert response.status_code == 400
+    assert response.json() == {"code": "KS-3", "message": f"Session {session_id} is not running"}
+
+
+async def test_kill_without_a_process_is_ks12(daemon: RunningDaemon) -> None:
+    session_id = await daemon.create(mini_argv("normal"))
+    response = await daemon.client.post(f"/sessions/{session_id}/kill")
+    assert response.status_code == 400
+    assert response.json() == {
+        "code": "KS-12",
+        "message": f"There is no process associated with session {session_id} (has it exited?)",
+    }
+
+
+async def test_signal_interrupt_without_a_process_is_ks10(daemon: RunningDaemon) -> None:
+    session_id = await daemon.create(mini_argv("normal"), interrupt_mode="signal")
+    response = await daemon.client.post(f"/sessions/{session_id}/interrupt")
+    assert response.status_code == 400
+    assert response.json()["code"] == "KS-10"
+    assert "No process ID to interrupt" in response.json()["message"]
