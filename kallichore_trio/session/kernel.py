@@ -59,6 +59,9 @@ STARTUP_OUTPUT_LIMIT = 1024 * 1024
 #: A line longer than this without a newline is passed on in pieces.
 MAX_LINE = 64 * 1024
 HEARTBEAT_PAYLOAD = b"kallichore-heartbeat"
+IOPUB_RCVHWM = 200_000
+#: The zmq adapter's safety wake-up; an idle daemon with many sessions pays for each tick.
+SOCKET_TICK = 5.0
 
 
 def zmq_identity(session_id: str) -> bytes:
@@ -211,9 +214,13 @@ class Kernel:
         ctx = self.session.zmq_context
         if channel == "iopub":
             # Our own accounting bounds the backlog (the outbox); libzmq must not drop silently.
-            return open_socket(ctx, zmq.SUB, connect=url, subscribe=b"", rcvhwm=0, name=channel)
+            # libzmq may hold up to IOPUB_RCVHWM messages while a slow client holds the pump
+            # back; past that the kernel's PUB applies its own high-water mark.
+            return open_socket(ctx, zmq.SUB, connect=url, subscribe=b"", rcvhwm=IOPUB_RCVHWM,
+                               name=channel, tick=SOCKET_TICK)
         return open_socket(
-            ctx, zmq.DEALER, connect=url, identity=self._identity, name=channel, sndhwm=0
+            ctx, zmq.DEALER, connect=url, identity=self._identity, name=channel, sndhwm=0,
+            tick=SOCKET_TICK,
         )
 
     # ---- startup -----------------------------------------------------------------------
@@ -346,19 +353,38 @@ class Kernel:
         self._scope.cancel()
 
     async def _pump(self, channel: str, sock: TrioSocket) -> None:
+        session = self.session
         async for frames in sock:
-            try:
-                msg = wire.parse_kernel_frames(frames, self._signer)
-            except wire.WireError as exc:
-                log.warning("session %s: dropped a %s message: %s",
-                            self.session.session_id, channel, exc)
-                continue
-            if self._probe_ids and msg.parent_msg_id in self._probe_ids:
-                self._on_probe_traffic(channel, msg)
-                continue
+            # Take everything already received in one go: one checkpoint per batch, not per
+            # message, on the hot path.
+            batch = [frames]
+            while len(batch) < 256:
+                try:
+                    batch.append(sock.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            for frames in batch:
+                due = self._on_frames(channel, frames)
+                if due is not None:
+                    await self.send(due)
             if channel == "iopub":
-                self._iopub_seen.set()
-            self.session.on_kernel_message(msg, channel)
+                # A client that reads slower than the kernel writes holds the pump back (and
+                # so the kernel, through ZeroMQ) instead of losing output.
+                await session.wait_for_room()
+
+    def _on_frames(self, channel: str, frames: list[bytes]) -> wire.ClientMessage | None:
+        try:
+            msg = wire.parse_kernel_frames(frames, self._signer)
+        except wire.WireError as exc:
+            log.warning("session %s: dropped a %s message: %s",
+                        self.session.session_id, channel, exc)
+            return None
+        if self._probe_ids and msg.parent_msg_id in self._probe_ids:
+            self._on_probe_traffic(channel, msg)
+            return None
+        if channel == "iopub":
+            self._iopub_seen.set()
+        return self.session.on_kernel_message(msg, channel)
 
     def _on_probe_traffic(self, channel: str, msg: wire.KernelMessage) -> None:
         """Our own kernel_info exchange is not relayed (nor are its busy/idle statuses)."""

@@ -123,6 +123,8 @@ class KernelSession:
         self._lifecycle = trio.Lock()
         self._held: deque[wire.ClientMessage] = deque()
         self._changed = trio.Event()
+        self._room = trio.Event()
+        self._high_water = max(1, config.outbox.max_frames // 2)
         self._nursery: trio.Nursery | None = None
 
     def __repr__(self) -> str:
@@ -168,6 +170,14 @@ class KernelSession:
     def emit(self, text: str, *, droppable: bool = False) -> None:
         self.outbox.append(text, droppable=droppable)
         self._changed.set()
+
+    async def wait_for_room(self) -> None:
+        """Backpressure: while a client is attached and behind by more than the high-water
+        mark, wait until it catches up. With no client attached nobody drains the outbox, so
+        it sheds droppable output instead (see outbox.py)."""
+        while self.client is not None and len(self.outbox) > self._high_water:
+            self._room = trio.Event()
+            await self._room.wait()
 
     def set_status(self, new: Status, reason: str | None) -> None:
         if not self.state.set(new, trio.current_time()):
@@ -490,6 +500,7 @@ class KernelSession:
         finally:
             if self.client is slot:
                 self.client = None
+                self._room.set()
             slot.done.set()
             with trio.CancelScope(shield=True), trio.move_on_after(2.0):
                 if slot.evicted:
@@ -509,6 +520,13 @@ class KernelSession:
             if batch.missed:
                 log.warning("session %s: the outbox overflowed; %d frames were dropped",
                             self.session_id, batch.missed)
+                # Tell the user, through an event Positron shows in the kernel's output.
+                notice = (f"[kallichore-trio] {batch.missed} output frames were dropped while "
+                          "no client was reading\n")
+                try:
+                    await slot.conn.send_text(wire.output_event("stderr", notice))
+                except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+                    return
             if not batch.frames:
                 self._changed = trio.Event()
                 await self._changed.wait()
@@ -526,6 +544,8 @@ class KernelSession:
                 except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
                     return
                 self.outbox.ack(seq)
+                if len(self.outbox) <= self._high_water:
+                    self._room.set()
 
     async def _client_reader(self, slot: ClientSlot) -> None:
         try:
