@@ -59,7 +59,7 @@ STARTUP_OUTPUT_LIMIT = 1024 * 1024
 #: A line longer than this without a newline is passed on in pieces.
 MAX_LINE = 64 * 1024
 HEARTBEAT_PAYLOAD = b"kallichore-heartbeat"
-IOPUB_RCVHWM = 200_000
+IOPUB_RCVHWM = 20_000
 #: The zmq adapter's safety wake-up; an idle daemon with many sessions pays for each tick.
 SOCKET_TICK = 5.0
 

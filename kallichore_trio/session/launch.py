@@ -200,7 +200,3 @@ def process_cwd(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return None
-
-
-def signal_name(sig: signal.Signals) -> str:
-    return sig.name
