@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 import pytest
+import trio
 
 from tests.conftest import RunningDaemon, new_session_body
-from tests.lifecycle_helpers import mini_argv, wait_status
+from tests.lifecycle_helpers import (
+    is_status,
+    kernel_event,
+    mini_argv,
+    open_channel,
+    process_gone,
+    session_json,
+    wait_status,
+)
 
 SESSION_ROUTES = [
     ("GET", "/sessions/{id}"),
@@ -135,3 +146,39 @@ async def test_signal_interrupt_without_a_process_is_ks10(daemon: RunningDaemon)
     assert response.status_code == 400
     assert response.json()["code"] == "KS-10"
     assert "No process ID to interrupt" in response.json()["message"]
+
+
+async def test_restart_while_a_restart_is_in_progress_is_ks13(daemon: RunningDaemon) -> None:
+    # An `ignore_term` kernel answers shutdown_request without exiting and ignores SIGTERM, so
+    # the first restart stays in progress until the daemon escalates to SIGKILL.
+    session_id = await daemon.create(mini_argv("ignore_term"))
+    assert (await daemon.start(session_id)).status_code == 200
+    old_pid = (await session_json(daemon, session_id))["process_id"]
+    restart = f"/sessions/{session_id}/restart"
+    first: dict[str, Any] = {}
+    async with open_channel(daemon, session_id) as channel:
+
+        async def first_restart() -> None:
+            first["response"] = await daemon.client.post(restart, timeout=60)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first_restart)
+            # The relayed shutdown_reply shows the first restart has sent its shutdown_request
+            # and is now waiting for a kernel that will not exit by itself.
+            await channel.wait_for(lambda f: f.get("kind") == "jupyter"
+                                   and f["header"]["msg_type"] == "shutdown_reply")
+            second = await daemon.client.post(restart, json={}, timeout=60)
+            assert "response" not in first  # the first restart was still running
+            assert second.status_code == 500
+            assert second.json() == {"error": {
+                "code": "KS-13",
+                "message": "Failed to restart kernel: Kernel is already restarting",
+            }}
+        # The refused restart did not disturb the one in progress.
+        assert first["response"].status_code == 200, first["response"].text
+        await channel.wait_for(lambda f: is_status(f, "idle", "kernel_info_reply"))
+        exits = [e for f in channel.frames if (e := kernel_event(f, "exited")) is not None]
+        assert exits == [-1]  # one kernel ended (by SIGKILL), not two
+    info = await session_json(daemon, session_id)
+    assert info["status"] == "idle" and info["process_id"] != old_pid
+    assert process_gone(old_pid)

@@ -287,3 +287,49 @@ async def test_adopt_with_connection_info_runs_code_through_the_websocket(
         with trio.CancelScope(shield=True):
             process.kill()
             await process.wait()
+
+
+async def test_restart_of_an_adopted_kernel_shuts_it_down_then_fails_with_ks5_no_arguments(
+    daemon: RunningDaemon, tmp_path: Path
+) -> None:
+    # §3.9 on a session adopted with argv []: shutdown_request {"restart": true} to the
+    # kernel, wait for its exit, then the start algorithm, which has no argv to run (§1.2).
+    session_id = await daemon.create([])
+    info = (await daemon.client.get(f"/sessions/{session_id}/connection_info")).json()
+    path = tmp_path / "adopted.json"
+    path.write_text(json.dumps(info))
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "ipykernel_launcher", "-f", str(path)])
+    try:
+        response = await daemon.client.put(f"/sessions/{session_id}/adopt", json=info, timeout=60)
+        assert response.status_code == 200, response.text
+        restart = f"/sessions/{session_id}/restart"
+        no_argv = {"error": {
+            "code": "KS-5",
+            "message": "Failed to start process for session: No arguments provided",
+        }}
+        async with open_channel(daemon, session_id) as channel:
+            response = await daemon.client.post(restart, timeout=60)
+            assert response.status_code == 500
+            assert response.json() == no_argv
+            await channel.wait_for(
+                lambda f: is_status(f, "exited", "all sockets disconnected from an adopted kernel"))
+            frame = await channel.wait_for(lambda f: kernel_event(f, "exited") is not None)
+            assert frame == {"kind": "kernel", "exited": 0}
+            assert not any(is_status(f, "starting") for f in channel.frames)
+        # The kernel was asked to shut down, and did: ipykernel exits only when asked.
+        with trio.fail_after(30):
+            assert await process.wait() == 0
+        body = await session_json(daemon, session_id)
+        assert body["status"] == "exited" and "process_id" not in body
+        # The session is not left "restarting": another restart fails the same way at once.
+        response = await daemon.client.post(restart, timeout=60)
+        assert response.status_code == 500 and response.json() == no_argv
+        # And the daemon is fine: it answers, and the session can be deleted.
+        assert (await daemon.client.get("/status")).status_code == 200
+        assert (await daemon.client.delete(f"/sessions/{session_id}")).status_code == 200
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
