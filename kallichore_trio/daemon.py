@@ -28,7 +28,7 @@ import trio
 import zmq
 from jupyter_core.paths import jupyter_runtime_dir
 
-from kallichore_trio.api import create_app
+from kallichore_trio.api import create_app, hypercorn_ext
 from kallichore_trio.config import Config
 from kallichore_trio.errors import ConfigurationError
 from kallichore_trio.models import ServerConfiguration
@@ -214,7 +214,10 @@ def _hypercorn_config(sock: socket.socket) -> hypercorn.config.Config:
     hc.bind = [f"fd://{os.dup(sock.fileno())}"]
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")
-    hc.websocket_ping_interval = 10.0
+    # Keep-alive pings are ours (session._client_keepalive, through api.hypercorn_ext), not
+    # Hypercorn's, which never learns whether they were answered.
+    hypercorn_ext.install()
+    hc.websocket_ping_interval = None
     hc.websocket_max_message_size = 256 * 1024 * 1024
     hc.graceful_timeout = 2.0
     hc.keep_alive_timeout = 75.0

@@ -56,6 +56,29 @@ async def test_channels_upgrade_for_an_unknown_session_is_400_ks1(daemon: Runnin
     }
 
 
+async def test_bytes_after_a_refused_upgrade_leave_the_daemon_serving(
+    daemon: RunningDaemon,
+) -> None:
+    # Hypercorn, left alone, answers such bytes with a second response, which h11 refuses with
+    # an exception that used to end the whole server.
+    request = (b"GET /sessions/no-such-session/channels HTTP/1.1\r\nHost: localhost\r\n"
+               b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    stream = await trio.open_tcp_stream("127.0.0.1", daemon.address.port)
+    async with stream:
+        await stream.send_all(request)
+        head = b""
+        with trio.fail_after(10):
+            while b"KS-1" not in head:
+                head += await stream.receive_some(65536)
+        assert head.startswith(b"HTTP/1.1 400")
+        await stream.send_all(b"\x81\x85" + bytes(4) + b"hello")  # a masked text frame
+        await stream.send_all(b"more bytes that are not HTTP")
+        await trio.sleep(0.1)
+    response = await daemon.client.get("/status")
+    assert response.status_code == 200
+
+
 async def test_requests_without_the_token_are_401_with_an_empty_body(
     daemon: RunningDaemon,
 ) -> None:

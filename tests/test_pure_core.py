@@ -137,3 +137,12 @@ def test_acked_droppable_frames_are_not_dropped_twice() -> None:
     outbox.append("s4", droppable=True)
     assert [t for _, t in outbox.read().frames] == ["s3", "s4"]
     assert outbox.statistics().dropped == 1
+
+
+def test_a_read_stops_at_the_byte_budget_but_always_returns_one_frame() -> None:
+    outbox = Outbox(max_frames=10, max_bytes=10_000)
+    for text in ("a" * 300, "b" * 300, "c" * 300):
+        outbox.append(text)
+    assert [seq for seq, _ in outbox.read(max_bytes=500).frames] == [0, 1]
+    assert [seq for seq, _ in outbox.read(max_bytes=10).frames] == [0]
+    assert [seq for seq, _ in outbox.read(limit=2, max_bytes=10_000).frames] == [0, 1]

@@ -9,49 +9,11 @@ from pathlib import Path
 
 import httpx
 import trio
-import wsproto
-from wsproto.events import AcceptConnection, Request, TextMessage
 
 from kallichore_trio.daemon import run_daemon
 from tests.conftest import TOKEN, daemon_config, new_session_body
+from tests.raw_ws import RawWebSocket
 from tests.test_end_to_end import execute_request, is_idle_for
-
-
-class UnixWebSocket:
-    """A minimal client WebSocket over a Unix socket, driven by wsproto."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
-        self.pending: list[str] = []
-
-    @classmethod
-    async def connect(cls, path: str, target: str) -> UnixWebSocket:
-        self = cls(await trio.open_unix_socket(path))
-        await self.stream.send_all(self.ws.send(Request(host="localhost", target=target)))
-        while True:
-            self.ws.receive_data(await self.stream.receive_some(65536))
-            for event in self.ws.events():
-                if isinstance(event, AcceptConnection):
-                    return self
-                raise AssertionError(f"handshake failed: {event!r}")
-
-    async def send_text(self, text: str) -> None:
-        await self.stream.send_all(self.ws.send(TextMessage(data=text)))
-
-    async def receive_text(self) -> str:
-        parts: list[str] = []
-        while not self.pending:
-            data = await self.stream.receive_some(65536)
-            assert data, "server closed the connection"
-            self.ws.receive_data(data)
-            for event in self.ws.events():
-                if isinstance(event, TextMessage):
-                    parts.append(event.data)
-                    if event.message_finished:
-                        self.pending.append("".join(parts))
-                        parts = []
-        return self.pending.pop(0)
 
 
 async def test_a_kernel_over_the_unix_socket_transport(tmp_path: Path) -> None:
@@ -74,7 +36,8 @@ async def test_a_kernel_over_the_unix_socket_transport(tmp_path: Path) -> None:
             channel_path = (await client.get(f"/sessions/{session_id}/channels")).json()
             assert stat.S_IMODE(Path(channel_path).stat().st_mode) == 0o600
 
-            ws = await UnixWebSocket.connect(channel_path, f"/api/channels/{session_id}")
+            ws = await RawWebSocket.connect(await trio.open_unix_socket(channel_path),
+                                           f"/api/channels/{session_id}")
             msg_id = uuid.uuid4().hex
             await ws.send_text(json.dumps(execute_request("print('over a socket')", msg_id)))
             out = ""

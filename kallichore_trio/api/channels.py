@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
 from quart import Quart, Response, websocket
 
+from kallichore_trio.api.hypercorn_ext import EXTENSION, WebSocketControl
 from kallichore_trio.api.responses import authenticated, error_response, json_response
 from kallichore_trio.errors import SessionNotFound, SocketPathError
 from kallichore_trio.session.session import KernelSession
@@ -35,15 +37,27 @@ log = logging.getLogger(__name__)
 class QuartConnection:
     """The ClientConnection of a Quart WebSocket (TCP transport).
 
-    ASGI gives an application no way to send pings, so keep-alive pings come from Hypercorn
-    (`websocket_ping_interval`) and a dead client is noticed by the write timeout instead.
+    Messages from the client arrive through Quart. Everything we send goes through the stream's
+    WebSocketControl (api.hypercorn_ext): frames in batches, Pings we count the Pongs of, and an
+    abort for a client that stops reading.
     """
 
-    supports_ping = False
-    last_pong: bytes | None = None
+    def __init__(self, control: WebSocketControl) -> None:
+        self._control = control
+
+    def __repr__(self) -> str:
+        return f"<QuartConnection {self._control!r}>"
+
+    @property
+    def last_pong(self) -> bytes | None:
+        return self._control.last_pong
 
     async def send_text(self, text: str) -> None:
-        await websocket.send(text)
+        await self.send_texts((text,))
+
+    async def send_texts(self, texts: Sequence[str]) -> None:
+        if not await self._control.send_texts(texts):
+            raise ClientGone("the WebSocket connection is closed")
 
     async def receive_text(self) -> str | None:
         while True:
@@ -53,9 +67,15 @@ class QuartConnection:
             # Binary frames are ignored: buffers travel base64-encoded inside the JSON.
 
     async def ping(self, payload: bytes) -> None:
-        raise NotImplementedError("ASGI cannot send pings")
+        if not await self._control.ping(payload):
+            raise ClientGone("the WebSocket connection is closed")
+
+    async def abort(self) -> None:
+        await self._control.abort()
 
     async def close(self) -> None:
+        if not self._control.usable:
+            return
         try:
             await websocket.close(1000)
         except (RuntimeError, ClientGone):
@@ -75,8 +95,12 @@ def register(app: Quart, daemon: Daemon) -> None:
         except SessionNotFound as exc:
             # 400, not 404, as the reference answers an upgrade for an unknown session.
             return json_response(exc.to_dict(), 400)
+        control = websocket.scope["extensions"].get(EXTENSION)
+        if control is None:  # Hypercorn without api.hypercorn_ext.install(): not a supported setup
+            return json_response(
+                {"code": "500", "message": "WebSocket control is not installed"}, 500)
         await websocket.accept()
-        await session.serve_client(QuartConnection())
+        await session.serve_client(QuartConnection(control))
         return None
 
     @app.get("/sessions/<session_id>/channels")

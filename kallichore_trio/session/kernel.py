@@ -503,10 +503,15 @@ class Kernel:
         """Leave nothing behind: the process, its group, its ports, its files."""
         if self.process is not None:
             pid = self.process.pid
-            if self.process.returncode is None:
+            # Process.returncode polls, and so may reap the process right here: keep what it
+            # says, or the exit would go unreported and the session keep a stale pid.
+            returncode = self.process.returncode
+            if returncode is None:
                 launch.signal_group(pid, signal.SIGKILL)
                 with trio.move_on_after(self.session.config.timeouts.kill):
                     self.returncode = await self.process.wait()
+            elif self.returncode is None:
+                self.returncode = returncode
             # Children the kernel started may outlive it in its group; end them too.
             launch.signal_group(pid, signal.SIGKILL)
             if not self.exited.is_set() and self.returncode is not None:

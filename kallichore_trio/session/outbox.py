@@ -90,12 +90,15 @@ class Outbox:
                 return
             self._bytes -= len(text)
 
-    def read(self, limit: int = 256) -> Batch:
-        """The oldest unacknowledged frames, up to `limit`, and the drops since the last read."""
+    def read(self, limit: int = 256, max_bytes: int = 256 * 1024) -> Batch:
+        """The oldest unacknowledged frames, up to `limit` of them and about `max_bytes` (at
+        least one frame, however large), and the drops since the last read."""
         frames = []
+        size = 0
         for seq, text in self._frames.items():
             frames.append((seq, text))
-            if len(frames) >= limit:
+            size += len(text)
+            if len(frames) >= limit or size >= max_bytes:
                 break
         missed = self._dropped - self._reported_drops
         self._reported_drops = self._dropped

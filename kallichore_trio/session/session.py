@@ -81,6 +81,8 @@ class ClientSlot:
     evicted: bool = False
     done: trio.Event = attrs.field(factory=trio.Event)
     pings_sent: int = 0
+    #: When the write in progress began (trio clock), or None between writes.
+    write_started: float | None = None
 
 
 class KernelSession:
@@ -494,7 +496,7 @@ class KernelSession:
             with slot.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._client_reader, slot)
-                    nursery.start_soon(self._client_pinger, slot)
+                    nursery.start_soon(self._client_keepalive, slot)
                     await self._client_writer(slot)
                     nursery.cancel_scope.cancel()
         finally:
@@ -513,8 +515,10 @@ class KernelSession:
                      "evicted" if slot.evicted else "disconnected")
 
     async def _client_writer(self, slot: ClientSlot) -> None:
-        """Outbox -> client, in order; a frame is released only once it was written."""
-        write_timeout = self.config.timeouts.client_write
+        """Outbox -> client, in order, a batch per socket write; a batch is released only once
+        it was written. The write timeout is enforced by `_client_keepalive`, which aborts the
+        connection under a stuck write (a cancel scope cannot: Hypercorn shields its writes)."""
+        gone = (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError)
         while not slot.evicted:
             batch = self.outbox.read()
             if batch.missed:
@@ -525,30 +529,22 @@ class KernelSession:
                           "no client was reading\n")
                 try:
                     await slot.conn.send_text(wire.output_event("stderr", notice))
-                except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+                except gone:
                     return
             if not batch.frames:
                 self._changed = trio.Event()
                 await self._changed.wait()
                 continue
-            # One cancel scope per batch, its deadline moved on after each frame: a scope per
-            # frame costs more than the frame's own bookkeeping.
-            with trio.move_on_after(write_timeout) as deadline:
-                try:
-                    for seq, text in batch.frames:
-                        if slot.evicted:
-                            return
-                        await slot.conn.send_text(text)
-                        self.outbox.ack(seq)
-                        if len(self.outbox) <= self._high_water:
-                            self._room.set()
-                        deadline.deadline = trio.current_time() + write_timeout
-                except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-            if deadline.cancelled_caught:
-                log.warning("session %s: client did not take a frame in %.0f s; dropped",
-                            self.session_id, write_timeout)
+            slot.write_started = trio.current_time()
+            try:
+                await slot.conn.send_texts([text for _, text in batch.frames])
+            except gone:
                 return
+            finally:
+                slot.write_started = None
+            self.outbox.ack(batch.frames[-1][0])
+            if len(self.outbox) <= self._high_water:
+                self._room.set()
 
     async def _client_reader(self, slot: ClientSlot) -> None:
         try:
@@ -563,26 +559,39 @@ class KernelSession:
             pass
         slot.scope.cancel()
 
-    async def _client_pinger(self, slot: ClientSlot) -> None:
-        """Ping every period with an 8-byte counter; more than 3 unanswered drops the client."""
-        if not getattr(slot.conn, "supports_ping", True):
-            return
+    async def _client_keepalive(self, slot: ClientSlot) -> None:
+        """Ping every period with an 8-byte counter. A client is dropped when more than 3 pings
+        are unanswered or a write has been stuck for the write timeout."""
         period = self.config.timeouts.client_ping
+        write_timeout = self.config.timeouts.client_write
+        tick = min(period, write_timeout)
+        next_ping = trio.current_time() + period  # the first Ping one period after connecting
         while True:
+            await trio.sleep(tick)
             last = slot.conn.last_pong
             answered = int.from_bytes(last, "big") if last and len(last) == 8 else 0
+            started = slot.write_started
+            now = trio.current_time()
             if slot.pings_sent - answered > 3:
-                log.warning("session %s: lost connection with client (%d pings unanswered)",
-                            self.session_id, slot.pings_sent - answered)
-                slot.scope.cancel()
-                return
-            slot.pings_sent += 1
-            try:
-                await slot.conn.ping(slot.pings_sent.to_bytes(8, "big"))
-            except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
-                slot.scope.cancel()
-                return
-            await trio.sleep(period)
+                reason = f"{slot.pings_sent - answered} pings unanswered"
+            elif started is not None and now - started > write_timeout:
+                reason = f"a write blocked for over {write_timeout:g} s"
+            else:
+                if now >= next_ping:
+                    next_ping = now + period
+                    slot.pings_sent += 1
+                    # The Ping waits behind a stuck write; it is then one more unanswered.
+                    with trio.move_on_after(tick):
+                        try:
+                            await slot.conn.ping(slot.pings_sent.to_bytes(8, "big"))
+                        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+                            slot.scope.cancel()
+                            return
+                continue
+            log.warning("session %s: lost connection with client (%s)", self.session_id, reason)
+            await slot.conn.abort()
+            slot.scope.cancel()
+            return
 
     # ---- the HTTP view -------------------------------------------------------------------
 
