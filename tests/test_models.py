@@ -91,7 +91,7 @@ def test_timestamps_are_rfc3339_utc_with_z() -> None:
     ],
 )
 def test_bad_bodies_get_the_reference_texts(body: bytes, message: str) -> None:
-    with pytest.raises(models.BodyError, match="NewSession|doesn't match") as info:
+    with pytest.raises(models.BodyError, match=r"NewSession|doesn't match") as info:
         models.parse_body(body, models.NewSession, schema="NewSession")
     assert message in str(info.value)
 
