@@ -59,7 +59,7 @@ import attrs
 import trio
 import zmq
 
-__all__ = ["SocketStatistics", "TrioSocket", "open_socket", "wrap_socket"]
+__all__ = ["SocketStatistics", "TrioSocket", "open_socket", "round_trip", "wrap_socket"]
 
 Frames = list[bytes]
 
@@ -387,3 +387,27 @@ async def open_socket(
         zsock, name=name, inbound_size=inbound_size, outbound_size=outbound_size, tick=tick
     ) as sock:
         yield sock
+
+
+async def round_trip(zsock: zmq.Socket[Any], frames: Sequence[bytes], timeout: float) -> bool:
+    """Send one request on a REQ socket and wait for its reply; False if none came in time.
+
+    For a socket that only the calling task ever touches (the heartbeat), so it needs no owner
+    task: the caller is the owner, and the rule above holds (EVENTS read right before each sleep
+    on the FD, nothing in between). Two scheduler steps per round trip instead of the seven an
+    owner task and its channels cost, which is most of an idle daemon's CPU. After a timeout
+    the REQ socket cannot send again (zmq's strict alternation): close it and make a new one.
+    The caller closes the socket; call ``trio.lowlevel.notify_closing(fd)`` first.
+    """
+    fd = zsock.getsockopt(zmq.FD)
+    last = len(frames) - 1
+    with trio.move_on_after(timeout):
+        while not zsock.getsockopt(_EVENTS) & _POLLOUT:
+            await trio.lowlevel.wait_readable(fd)
+        for i, frame in enumerate(frames):
+            zsock.send(frame, _NOBLOCK | (_SNDMORE if i < last else 0))
+        while not zsock.getsockopt(_EVENTS) & _POLLIN:
+            await trio.lowlevel.wait_readable(fd)
+        zsock.recv_multipart(_NOBLOCK)
+        return True
+    return False

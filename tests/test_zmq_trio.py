@@ -13,7 +13,7 @@ import trio
 import trio.testing
 import zmq
 
-from kallichore_trio.zmq_trio import TrioSocket, open_socket, wrap_socket
+from kallichore_trio.zmq_trio import TrioSocket, open_socket, round_trip, wrap_socket
 
 N = 100_000
 LOCAL = "tcp://127.0.0.1:0"
@@ -375,3 +375,31 @@ async def test_bind_port_zero_reports_endpoint(ctx: zmq.Context[Any]) -> None:
     with pytest.raises(ValueError, match="SUB"):
         async with open_socket(ctx, zmq.DEALER, subscribe=b""):
             pass
+
+
+# round_trip: a REQ socket used by one task, no owner -------------------------------------
+
+
+async def test_round_trip_gets_each_reply_and_times_out_without_one(
+    ctx: zmq.Context[Any],
+) -> None:
+    rep = raw_socket(ctx, zmq.REP)
+    rep.bind(LOCAL)
+    req = raw_socket(ctx, zmq.REQ)
+    req.connect(rep.getsockopt(zmq.LAST_ENDPOINT).decode())
+    try:
+        async def echo_n(n: int) -> None:
+            for _ in range(n):
+                rep.send_multipart(await raw_recv(rep))
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(echo_n, 200)
+                results = [await round_trip(req, [b"hb"], timeout=5) for _ in range(200)]
+        assert results == [True] * 200
+        # Nobody answers now: False once the timeout has passed.
+        with trio.fail_after(5):
+            assert await round_trip(req, [b"hb"], timeout=0.2) is False
+    finally:
+        close_raw(req)
+        close_raw(rep)

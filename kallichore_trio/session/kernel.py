@@ -47,7 +47,7 @@ from kallichore_trio.session.connection import (
     connection_info,
     write_registration_file,
 )
-from kallichore_trio.zmq_trio import TrioSocket, open_socket
+from kallichore_trio.zmq_trio import TrioSocket, open_socket, round_trip
 
 if TYPE_CHECKING:
     from kallichore_trio.session.session import KernelSession
@@ -401,19 +401,19 @@ class Kernel:
         url = f"{self.info.transport}://{self.info.ip}:{self.info.hb_port}"
         while True:
             # A REQ socket that missed its reply cannot send again: use a fresh one each time.
-            async with open_socket(
-                self.session.zmq_context, zmq.REQ, connect=url, name="hb"
-            ) as hb:
+            hb = self.session.zmq_context.socket(zmq.REQ)
+            try:
+                hb.linger = 0
+                hb.connect(url)
                 alive = True
                 while alive:
-                    await hb.send([HEARTBEAT_PAYLOAD])
-                    alive = False
-                    with trio.move_on_after(timeouts.heartbeat_reply):
-                        await hb.receive()
-                        alive = True
+                    alive = await round_trip(hb, [HEARTBEAT_PAYLOAD], timeouts.heartbeat_reply)
                     self.session.on_heartbeat(alive)
                     if alive:
                         await trio.sleep(timeouts.heartbeat_period)
+            finally:
+                trio.lowlevel.notify_closing(hb.getsockopt(zmq.FD))
+                hb.close()
 
     # ---- commands ----------------------------------------------------------------------
 
