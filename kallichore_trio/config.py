@@ -90,3 +90,7 @@ class Config:
     server_id: str = attrs.field(factory=new_server_id)
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     outbox: OutboxLimits = attrs.field(factory=OutboxLimits)
+    #: Seconds the client writer holds frames that are only stream output, so that a burst of
+    #: small outputs goes out in one socket write rather than one write each (a loopback write
+    #: costs more CPU than relaying the message). Anything else pending is written at once.
+    output_linger: float = 0.002

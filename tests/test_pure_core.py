@@ -146,3 +146,14 @@ def test_a_read_stops_at_the_byte_budget_but_always_returns_one_frame() -> None:
     assert [seq for seq, _ in outbox.read(max_bytes=500).frames] == [0, 1]
     assert [seq for seq, _ in outbox.read(max_bytes=10).frames] == [0]
     assert [seq for seq, _ in outbox.read(limit=2, max_bytes=10_000).frames] == [0, 1]
+
+
+def test_only_droppable_says_whether_anything_but_output_is_pending() -> None:
+    outbox = Outbox(max_frames=10, max_bytes=10_000)
+    assert outbox.only_droppable  # nothing pending
+    outbox.append("stream", droppable=True)
+    assert outbox.only_droppable
+    status = outbox.append("status")
+    assert not outbox.only_droppable
+    outbox.ack(status)
+    assert outbox.only_droppable

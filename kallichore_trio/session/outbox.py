@@ -90,6 +90,11 @@ class Outbox:
                 return
             self._bytes -= len(text)
 
+    @property
+    def only_droppable(self) -> bool:
+        """Every pending frame is droppable output (no status, reply or event among them)."""
+        return len(self._droppable) == len(self._frames)
+
     def read(self, limit: int = 256, max_bytes: int = 256 * 1024) -> Batch:
         """The oldest unacknowledged frames, up to `limit` of them and about `max_bytes` (at
         least one frame, however large), and the drops since the last read."""

@@ -70,6 +70,8 @@ HELD_LIMIT = 1000
 EVICTED_REASON = "Another client is connecting to this session."
 #: Frames whose loss under overflow costs little: output that a later frame supersedes.
 _DROPPABLE_IOPUB = frozenset({"stream"})
+#: A batch this long is written without lingering for more.
+_LINGER_UNTIL_FRAMES = 64
 
 
 @attrs.define(eq=False)
@@ -126,6 +128,7 @@ class KernelSession:
         self._held: deque[wire.ClientMessage] = deque()
         self._changed = trio.Event()
         self._room = trio.Event()
+        self._linger: trio.CancelScope | None = None  # the writer holding output back
         self._high_water = max(1, config.outbox.max_frames // 2)
         self._nursery: trio.Nursery | None = None
 
@@ -171,6 +174,8 @@ class KernelSession:
 
     def emit(self, text: str, *, droppable: bool = False) -> None:
         self.outbox.append(text, droppable=droppable)
+        if not droppable and self._linger is not None:
+            self._linger.cancel()  # a status or reply: write what is pending now
         self._changed.set()
 
     async def wait_for_room(self) -> None:
@@ -535,6 +540,12 @@ class KernelSession:
                 self._changed = trio.Event()
                 await self._changed.wait()
                 continue
+            if self.outbox.only_droppable and len(batch.frames) < _LINGER_UNTIL_FRAMES:
+                # Only output so far: let more join it (see Config.output_linger).
+                with trio.move_on_after(self.config.output_linger) as self._linger:
+                    await trio.sleep_forever()
+                self._linger = None
+                batch = self.outbox.read()
             slot.write_started = trio.current_time()
             try:
                 await slot.conn.send_texts([text for _, text in batch.frames])

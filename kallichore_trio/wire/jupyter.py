@@ -118,9 +118,13 @@ class KernelMessage:
         return json.loads(self.content) if self.content else {}
 
 
+_decode_json = json.JSONDecoder().decode
+
+
 def _load_object(frame: bytes, what: str) -> dict[str, Any]:
     try:
-        obj = json.loads(frame)
+        # Decoding UTF-8 ourselves skips json.loads' encoding sniffing (Jupyter is UTF-8).
+        obj = _decode_json(frame.decode("utf-8"))
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         raise MalformedHeader(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
