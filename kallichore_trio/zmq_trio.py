@@ -59,7 +59,15 @@ import attrs
 import trio
 import zmq
 
-__all__ = ["SocketStatistics", "TrioSocket", "open_socket", "round_trip", "wrap_socket"]
+__all__ = [
+    "SocketStatistics",
+    "Subscription",
+    "TrioSocket",
+    "open_socket",
+    "open_subscription",
+    "round_trip",
+    "wrap_socket",
+]
 
 Frames = list[bytes]
 
@@ -434,3 +442,88 @@ async def round_trip(zsock: zmq.Socket[Any], frames: Sequence[bytes], timeout: f
         zsock.recv_multipart(_NOBLOCK)
         return True
     return False
+
+
+class Subscription:
+    """A SUB socket read by exactly one task, which is its owner: no owner task, no channel.
+
+    The relay's iopub pump is the only user of its socket and SUB never sends, so the pump can
+    drive libzmq itself and save a task switch and two channel operations per wake-up (about a
+    quarter of the daemon's CPU per message when output trickles in one message at a time).
+    `receive_batch` keeps the rule of the module doc: EVENTS is read right before each sleep.
+    Calling it from two tasks at once is a bug (trio raises BusyResourceError on the FD wait).
+    """
+
+    def __init__(self, zsock: zmq.Socket[Any], *, name: str = "", tick: float = 0.5) -> None:
+        self.zmq_socket = zsock
+        self.name = name
+        self._fd: int = zsock.get(zmq.FD)
+        self._tick = tick
+        self._closed = False
+        self._received = 0
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Subscription {self.name!r} {state} received={self._received}>"
+
+    async def receive_batch(self, limit: int = 256) -> list[Frames]:
+        """Wait for messages; return those already queued (1 to `limit`), oldest first.
+        Raises trio.ClosedResourceError once the subscription is closed."""
+        zsock = self.zmq_socket
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError(f"{self!r} is closed")
+            batch: list[Frames] = []
+            spurious = False
+            if zsock.getsockopt(_EVENTS) & _POLLIN:
+                try:
+                    while len(batch) < limit:
+                        batch.append(_recv_message(zsock))
+                except zmq.Again:
+                    spurious = not batch
+                if batch:
+                    self._received += len(batch)
+                    await trio.lowlevel.checkpoint()
+                    return batch
+            # Nothing to read: sleep on the FD. After a spurious POLLIN, EVENTS would say
+            # POLLIN again, so sleep without re-reading it (the tick bounds any missed edge).
+            if spurious or not zsock.getsockopt(_EVENTS) & _POLLIN:
+                with trio.move_on_after(self._tick):
+                    await trio.lowlevel.wait_readable(self._fd)
+
+    def close(self) -> None:
+        """Close now; a task in receive_batch gets ClosedResourceError. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        trio.lowlevel.notify_closing(self._fd)  # no checkpoint between this and close()
+        self.zmq_socket.close()
+
+
+@asynccontextmanager
+async def open_subscription(
+    ctx: zmq.Context[Any],
+    connect: str,
+    *,
+    topics: Sequence[bytes] = (b"",),
+    rcvhwm: int | None = None,
+    name: str = "",
+    tick: float = 0.5,
+) -> AsyncIterator[Subscription]:
+    """A connected SUB socket, subscribed to `topics` before connecting; closed on exit."""
+    zsock: zmq.Socket[Any] = ctx.socket(zmq.SUB)
+    try:
+        zsock.setsockopt(zmq.LINGER, 0)
+        if rcvhwm is not None:
+            zsock.setsockopt(zmq.RCVHWM, rcvhwm)
+        for topic in topics:
+            zsock.setsockopt(zmq.SUBSCRIBE, topic)
+        zsock.connect(connect)
+    except BaseException:
+        zsock.close(linger=0)
+        raise
+    sub = Subscription(zsock, name=name, tick=tick)
+    try:
+        yield sub
+    finally:
+        sub.close()

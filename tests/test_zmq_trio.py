@@ -13,7 +13,13 @@ import trio
 import trio.testing
 import zmq
 
-from kallichore_trio.zmq_trio import TrioSocket, open_socket, round_trip, wrap_socket
+from kallichore_trio.zmq_trio import (
+    TrioSocket,
+    open_socket,
+    open_subscription,
+    round_trip,
+    wrap_socket,
+)
 
 N = 100_000
 LOCAL = "tcp://127.0.0.1:0"
@@ -403,3 +409,67 @@ async def test_round_trip_gets_each_reply_and_times_out_without_one(
     finally:
         close_raw(req)
         close_raw(rep)
+
+
+# Subscription: a SUB socket driven by its one reader --------------------------------------
+
+
+async def test_subscription_receives_every_message_in_order_in_batches(
+    ctx: zmq.Context[Any],
+) -> None:
+    with trio.fail_after(120):
+        async with (
+            open_socket(ctx, zmq.PUB, bind=LOCAL, sndhwm=0, name="pub") as pub,
+            open_subscription(ctx, pub.last_endpoint, rcvhwm=0, name="sub", tick=5) as sub,
+        ):
+            joined = trio.Event()
+
+            async def probe() -> None:
+                while not joined.is_set():
+                    await pub.send([b"probe"])
+                    await trio.sleep(0.01)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(probe)
+                assert [b"probe"] in await sub.receive_batch()
+                joined.set()
+
+            start = time.perf_counter()
+
+            async def publish() -> None:
+                for i in range(N):
+                    await pub.send([b"data", b"%d" % i])
+                    if i % 1000 == 0:
+                        await trio.sleep(0.001)  # let the reader catch up now and then
+
+            received: list[list[bytes]] = []
+            sizes: list[int] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(publish)
+                while len(received) < N:
+                    batch = [m for m in await sub.receive_batch(limit=100) if m != [b"probe"]]
+                    sizes.append(len(batch))
+                    received += batch
+            report("PUB/Subscription", N, start)
+            assert received == [[b"data", b"%d" % i] for i in range(N)]
+            assert max(sizes) <= 100 and len(sizes) < N  # batched, and within the limit
+
+
+async def test_closing_a_subscription_wakes_its_reader(ctx: zmq.Context[Any]) -> None:
+    async with open_subscription(ctx, "tcp://127.0.0.1:9", name="sub") as sub:  # no publisher
+        outcome: list[str] = []
+
+        async def reader() -> None:
+            try:
+                await sub.receive_batch()
+            except trio.ClosedResourceError:
+                outcome.append("closed")
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader)
+                await trio.testing.wait_all_tasks_blocked()
+                sub.close()
+        assert outcome == ["closed"]
+        with pytest.raises(trio.ClosedResourceError):
+            await sub.receive_batch()

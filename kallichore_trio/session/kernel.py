@@ -47,7 +47,13 @@ from kallichore_trio.session.connection import (
     connection_info,
     write_registration_file,
 )
-from kallichore_trio.zmq_trio import TrioSocket, open_socket, round_trip
+from kallichore_trio.zmq_trio import (
+    Subscription,
+    TrioSocket,
+    open_socket,
+    open_subscription,
+    round_trip,
+)
 
 if TYPE_CHECKING:
     from kallichore_trio.session.session import KernelSession
@@ -155,10 +161,12 @@ class Kernel:
                             # The socket stays open until the incarnation ends: closing it
                             # now could discard the reply before libzmq has sent it.
                             self.info = await self._handshake(registration)
-                        for channel in ("shell", "control", "stdin", "iopub"):
+                        for channel in ("shell", "control", "stdin"):
                             sock = await stack.enter_async_context(self._open(channel))
                             self._sockets[channel] = sock
                             nursery.start_soon(self._pump, channel, sock, name=f"pump {channel}")
+                        iopub = await stack.enter_async_context(self._open_iopub())
+                        nursery.start_soon(self._pump_iopub, iopub, name="pump iopub")
                         reply = await self._probe()
                     except StartupFailure as exc:
                         failure = exc
@@ -208,20 +216,22 @@ class Kernel:
             nursery.start_soon(self._read_output, name, stream, name=f"read {name}")
         nursery.start_soon(self._watch_process, name="process watch")
 
-    def _open(self, channel: str) -> Any:
+    def _url(self, channel: str) -> str:
         assert self.info is not None
-        url = f"{self.info.transport}://{self.info.ip}:{getattr(self.info, channel + '_port')}"
-        ctx = self.session.zmq_context
-        if channel == "iopub":
-            # Our own accounting bounds the backlog (the outbox); libzmq must not drop silently.
-            # libzmq may hold up to IOPUB_RCVHWM messages while a slow client holds the pump
-            # back; past that the kernel's PUB applies its own high-water mark.
-            return open_socket(ctx, zmq.SUB, connect=url, subscribe=b"", rcvhwm=IOPUB_RCVHWM,
-                               name=channel, tick=SOCKET_TICK)
+        return f"{self.info.transport}://{self.info.ip}:{getattr(self.info, channel + '_port')}"
+
+    def _open(self, channel: str) -> Any:
         return open_socket(
-            ctx, zmq.DEALER, connect=url, identity=self._identity, name=channel, sndhwm=0,
-            tick=SOCKET_TICK,
+            self.session.zmq_context, zmq.DEALER, connect=self._url(channel),
+            identity=self._identity, name=channel, sndhwm=0, tick=SOCKET_TICK,
         )
+
+    def _open_iopub(self) -> Any:
+        # Our own accounting bounds the backlog (the outbox); libzmq must not drop silently.
+        # libzmq may hold up to IOPUB_RCVHWM messages while a slow client holds the pump back;
+        # past that the kernel's PUB applies its own high-water mark.
+        return open_subscription(self.session.zmq_context, self._url("iopub"),
+                                 rcvhwm=IOPUB_RCVHWM, name="iopub", tick=SOCKET_TICK)
 
     # ---- startup -----------------------------------------------------------------------
 
@@ -353,7 +363,6 @@ class Kernel:
         self._scope.cancel()
 
     async def _pump(self, channel: str, sock: TrioSocket) -> None:
-        session = self.session
         async for frames in sock:
             # Take everything already received in one go: one checkpoint per batch, not per
             # message, on the hot path.
@@ -363,14 +372,25 @@ class Kernel:
                     batch.append(sock.receive_nowait())
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
-            for frames in batch:
-                due = self._on_frames(channel, frames)
-                if due is not None:
-                    await self.send(due)
-            if channel == "iopub":
-                # A client that reads slower than the kernel writes holds the pump back (and
-                # so the kernel, through ZeroMQ) instead of losing output.
-                await session.wait_for_room()
+            await self._relay(channel, batch)
+
+    async def _pump_iopub(self, iopub: Subscription) -> None:
+        session = self.session
+        while True:
+            try:
+                batch = await iopub.receive_batch()
+            except trio.ClosedResourceError:
+                return  # the incarnation is ending
+            await self._relay("iopub", batch)
+            # A client that reads slower than the kernel writes holds the pump back (and so
+            # the kernel, through ZeroMQ) instead of losing output.
+            await session.wait_for_room()
+
+    async def _relay(self, channel: str, batch: list[list[bytes]]) -> None:
+        for frames in batch:
+            due = self._on_frames(channel, frames)
+            if due is not None:
+                await self.send(due)
 
     def _on_frames(self, channel: str, frames: list[bytes]) -> wire.ClientMessage | None:
         try:
