@@ -62,7 +62,12 @@ def new_session_body(session_id: str, argv: list[str] | None = None, **fields: A
         "argv": ipykernel_argv() if argv is None else argv,
         "session_mode": "console",
         "working_directory": str(Path.cwd()),
-        "env": [{"action": "replace", "name": "TEST_VAR", "value": "test_value"}],
+        "env": [
+            {"action": "replace", "name": "TEST_VAR", "value": "test_value"},
+            # debugpy's "frozen modules" warning otherwise lands, now and then, in the first
+            # cell's captured stderr and breaks exact-output checks.
+            {"action": "replace", "name": "PYDEVD_DISABLE_FILE_VALIDATION", "value": "1"},
+        ],
         "connection_timeout": 20,
         "interrupt_mode": "message",
         "protocol_version": "5.3",

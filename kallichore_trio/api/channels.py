@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 class QuartConnection:
     """The ClientConnection of a Quart WebSocket (TCP transport).
 
-    Messages from the client arrive through Quart. Everything we send goes through the stream's
-    WebSocketControl (api.hypercorn_ext): frames in batches, Pings we count the Pongs of, and an
-    abort for a client that stops reading.
+    Everything goes through the stream's WebSocketControl (api.hypercorn_ext): client messages
+    straight from Hypercorn, frames out in batches, Pings we count the Pongs of, and an abort
+    for a client that stops reading. Quart only accepts the upgrade and closes.
     """
 
     def __init__(self, control: WebSocketControl) -> None:
@@ -60,11 +60,9 @@ class QuartConnection:
             raise ClientGone("the WebSocket connection is closed")
 
     async def receive_text(self) -> str | None:
-        while True:
-            data = await websocket.receive()
-            if isinstance(data, str):
-                return data or None  # an empty text frame closes, as in the reference
-            # Binary frames are ignored: buffers travel base64-encoded inside the JSON.
+        # Binary frames are ignored: buffers travel base64-encoded inside the JSON.
+        text = await self._control.receive_text()
+        return text or None  # an empty text frame closes, as in the reference
 
     async def ping(self, payload: bytes) -> None:
         if not await self._control.ping(payload):
