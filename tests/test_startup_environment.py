@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import RunningDaemon
 from tests.lifecycle_helpers import open_channel, session_json, stream_text
 
@@ -102,3 +104,36 @@ async def test_env_var_actions_replace_append_prepend_are_visible_in_the_kernel(
     initial = (await session_json(daemon, sessions[0]["session_id"]))["initial_env"]
     assert [initial[n] for n in names] == values
     assert initial["HOME"] == os.environ["HOME"]  # the server's environment is the base
+
+
+@pytest.mark.parametrize(
+    ("name", "fields", "mode"),
+    [
+        ("none", {"startup_environment": "none"}, "direct"),
+        ("shell", {"startup_environment": "shell"}, "shell"),
+        ("shell_bash", {"startup_environment": "shell",
+                        "env": [{"action": "replace", "name": "SHELL", "value": "/bin/bash"}]},
+         "shell"),
+    ],
+)
+async def test_a_subprocess_of_the_kernel_runs_in_every_startup_environment(
+    daemon: RunningDaemon, name: str, fields: dict[str, Any], mode: str
+) -> None:
+    # Row 22: the kernel runs a script through subprocess and its output comes back.
+    fields.setdefault("env", [])
+    fields["env"] = [*fields["env"], {"action": "replace", "name": "TEST_VAR", "value": name}]
+    session_id = await daemon.create(connection_timeout=15, **fields)
+    response = await daemon.start(session_id)
+    assert response.status_code == 200, response.text
+    script = Path(__file__).parent / "kernels" / "shell_test.py"
+    code = ("import subprocess, sys\n"
+            f"print(subprocess.run([sys.executable, {str(script)!r}, 'test_{name}', {mode!r}],"
+            " capture_output=True, text=True, check=True).stdout)")
+    async with open_channel(daemon, session_id) as channel:
+        msg_id = await channel.execute(code)
+        out = stream_text(await channel.wait_done(msg_id), msg_id)
+    for line in (f"=== START test_{name} ===", f"Test marker: test_{name}",
+                 f"Expected mode: {mode}", f"TEST_VAR={name}", f"=== END test_{name} ==="):
+        assert line in out.splitlines(), out
+    if name == "shell_bash":  # the session's SHELL reaches the kernel's children
+        assert "SHELL=/bin/bash" in out.splitlines(), out
