@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,22 @@ async def _interrupt_stops_a_running_cell(daemon: RunningDaemon, mode: str) -> l
         assert reply["content"]["ename"] == "KeyboardInterrupt"
         assert "All iterations completed!" not in stream_text(channel.frames)
         return channel.frames
+
+
+@asynccontextmanager
+async def external_kernel(info: dict[str, Any], tmp_path: Path) -> AsyncIterator[trio.Process]:
+    """An ipykernel started outside the daemon on `info`'s ports; killed on exit if alive."""
+    path = tmp_path / "adopted.json"
+    path.write_text(json.dumps(info))
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "ipykernel_launcher", "-f", str(path)])
+    try:
+        yield process
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.kill()
+            await process.wait()
 
 
 async def test_interrupt_in_message_mode_stops_a_running_cell(daemon: RunningDaemon) -> None:
@@ -268,11 +286,7 @@ async def test_adopt_with_connection_info_runs_code_through_the_websocket(
     assert info["transport"] == "tcp" and info["ip"] == "127.0.0.1"
     assert info["signature_scheme"] == "hmac-sha256" and len(info["key"]) == 32
     assert (await daemon.client.get(f"/sessions/{session_id}/connection_info")).json() == info
-    path = tmp_path / "adopted.json"
-    path.write_text(json.dumps(info))
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "ipykernel_launcher", "-f", str(path)])
-    try:
+    async with external_kernel(info, tmp_path) as process:
         response = await daemon.client.put(f"/sessions/{session_id}/adopt", json=info, timeout=60)
         assert response.status_code == 200, response.text
         assert response.json()["status"] == "ok"
@@ -283,10 +297,7 @@ async def test_adopt_with_connection_info_runs_code_through_the_websocket(
         assert stream_text(frames, msg_id) == "42\n"
         response = await daemon.client.post(f"/sessions/{session_id}/kill")
         assert response.status_code == 400 and response.json()["code"] == "KS-12"
-    finally:
-        with trio.CancelScope(shield=True):
-            process.kill()
-            await process.wait()
+        assert process.returncode is None  # still running: the daemon did not own it
 
 
 async def test_restart_of_an_adopted_kernel_shuts_it_down_then_fails_with_ks5_no_arguments(
@@ -296,11 +307,7 @@ async def test_restart_of_an_adopted_kernel_shuts_it_down_then_fails_with_ks5_no
     # kernel, wait for its exit, then the start algorithm, which has no argv to run (§1.2).
     session_id = await daemon.create([])
     info = (await daemon.client.get(f"/sessions/{session_id}/connection_info")).json()
-    path = tmp_path / "adopted.json"
-    path.write_text(json.dumps(info))
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "ipykernel_launcher", "-f", str(path)])
-    try:
+    async with external_kernel(info, tmp_path) as process:
         response = await daemon.client.put(f"/sessions/{session_id}/adopt", json=info, timeout=60)
         assert response.status_code == 200, response.text
         restart = f"/sessions/{session_id}/restart"
@@ -328,8 +335,3 @@ async def test_restart_of_an_adopted_kernel_shuts_it_down_then_fails_with_ks5_no
         # And the daemon is fine: it answers, and the session can be deleted.
         assert (await daemon.client.get("/status")).status_code == 200
         assert (await daemon.client.delete(f"/sessions/{session_id}")).status_code == 200
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            await process.wait()

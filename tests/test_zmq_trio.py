@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import select
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,23 @@ def report(label: str, count: int, start: float) -> None:
     print(f"\n{label}: {count} messages in {elapsed:.2f} s = {count / elapsed:,.0f} msg/s")
 
 
+async def wait_until_joined(pub: TrioSocket, receive: Callable[[], Awaitable[Any]]) -> None:
+    """Slow joiner: publish probes until one arrives, so the subscription is in place.
+    `receive` returns one message or a batch; later probes may still arrive after this."""
+    joined = trio.Event()
+
+    async def probe() -> None:
+        while not joined.is_set():
+            await pub.send([b"probe"])
+            await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(probe)
+        got = await receive()
+        assert got == [b"probe"] or [b"probe"] in got
+        joined.set()
+
+
 async def echo(sock: TrioSocket) -> None:
     async for frames in sock:
         await sock.send(frames)
@@ -107,18 +124,7 @@ async def test_pub_sub_100k(ctx: zmq.Context[Any]) -> None:
                 ctx, zmq.SUB, connect=pub.last_endpoint, subscribe=b"", rcvhwm=0, name="sub"
             ) as sub,
         ):
-            # Slow joiner: publish probes until one arrives, so the subscription is in place.
-            joined = trio.Event()
-
-            async def probe() -> None:
-                while not joined.is_set():
-                    await pub.send([b"probe"])
-                    await trio.sleep(0.01)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(probe)
-                assert await sub.receive() == [b"probe"]
-                joined.set()
+            await wait_until_joined(pub, sub.receive)
 
             start = time.perf_counter()
 
@@ -422,17 +428,7 @@ async def test_subscription_receives_every_message_in_order_in_batches(
             open_socket(ctx, zmq.PUB, bind=LOCAL, sndhwm=0, name="pub") as pub,
             open_subscription(ctx, pub.last_endpoint, rcvhwm=0, name="sub", tick=5) as sub,
         ):
-            joined = trio.Event()
-
-            async def probe() -> None:
-                while not joined.is_set():
-                    await pub.send([b"probe"])
-                    await trio.sleep(0.01)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(probe)
-                assert [b"probe"] in await sub.receive_batch()
-                joined.set()
+            await wait_until_joined(pub, sub.receive_batch)
 
             start = time.perf_counter()
 
