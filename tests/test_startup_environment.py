@@ -125,7 +125,7 @@ async def test_a_subprocess_of_the_kernel_runs_in_every_startup_environment(
     session_id = await daemon.create(connection_timeout=15, **fields)
     response = await daemon.start(session_id)
     assert response.status_code == 200, response.text
-    script = Path(__file__).parent / "kernels" / "shell_test.py"
+    script = Path(__file__).parent / "kernels" / "startup_probe.py"
     code = ("import subprocess, sys\n"
             f"print(subprocess.run([sys.executable, {str(script)!r}, 'test_{name}', {mode!r}],"
             " capture_output=True, text=True, check=True).stdout)")

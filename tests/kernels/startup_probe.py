@@ -1,6 +1,6 @@
 """Run by kernels in the startup_environment scenario (KALLICHORE_BEHAVIOUR.md §5.2 row 22).
 
-Usage: shell_test.py test_<name> <direct|shell>. Prints banners, the markers the test looks
+Usage: startup_probe.py test_<name> <direct|shell>. Prints banners, the markers the test looks
 for, and what it can see of how the kernel was started.
 """
 
