@@ -70,6 +70,8 @@ HELD_LIMIT = 1000
 EVICTED_REASON = "Another client is connecting to this session."
 #: Frames whose loss under overflow costs little: output that a later frame supersedes.
 _DROPPABLE_IOPUB = frozenset({"stream"})
+#: What a send or receive on a client connection raises once the client is gone.
+_CLIENT_GONE = (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError)
 #: A batch this long is written without lingering for more.
 _LINGER_UNTIL_FRAMES = 64
 
@@ -513,7 +515,7 @@ class KernelSession:
                 if slot.evicted:
                     try:
                         await conn.send_text(wire.client_disconnected_event(EVICTED_REASON))
-                    except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+                    except _CLIENT_GONE:
                         pass
                 await conn.close()
             log.info("session %s: client %s", self.session_id,
@@ -523,7 +525,6 @@ class KernelSession:
         """Outbox -> client, in order, a batch per socket write; a batch is released only once
         it was written. The write timeout is enforced by `_client_keepalive`, which aborts the
         connection under a stuck write (a cancel scope cannot: Hypercorn shields its writes)."""
-        gone = (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError)
         while not slot.evicted:
             batch = self.outbox.read()
             if batch.missed:
@@ -534,7 +535,7 @@ class KernelSession:
                           "no client was reading\n")
                 try:
                     await slot.conn.send_text(wire.output_event("stderr", notice))
-                except gone:
+                except _CLIENT_GONE:
                     return
             if not batch.frames:
                 self._changed = trio.Event()
@@ -549,7 +550,7 @@ class KernelSession:
             slot.write_started = trio.current_time()
             try:
                 await slot.conn.send_texts([text for _, text in batch.frames])
-            except gone:
+            except _CLIENT_GONE:
                 return
             finally:
                 slot.write_started = None
@@ -566,7 +567,7 @@ class KernelSession:
                     log.warning("session %s: dropped a client frame: %s", self.session_id, exc)
                     continue
                 await self.deliver(msg)
-        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+        except _CLIENT_GONE:
             pass
         slot.scope.cancel()
 
@@ -595,7 +596,7 @@ class KernelSession:
                     with trio.move_on_after(tick):
                         try:
                             await slot.conn.ping(slot.pings_sent.to_bytes(8, "big"))
-                        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError):
+                        except _CLIENT_GONE:
                             slot.scope.cancel()
                             return
                 continue
