@@ -121,6 +121,11 @@ class Bench:
 
     async def rtt(self, sessions: dict[str, Session]) -> None:
         print(f"* execute round trip: {self.p.rtt_runs} runs of 1+1", flush=True)
+        await self.round_trips(sessions, "rtt")
+
+    async def round_trips(self, sessions: dict[str, Session], stage: str) -> None:
+        """`1+1` round trips, interleaved by target: metrics `{stage}_median_ms`,
+        `{stage}_p99_ms` and `{stage}_server_cpu_us` (per round trip)."""
         times: dict[str, list[float]] = {name: [] for name in sessions}
         failed: set[str] = set()
         for name, s in sessions.items():
@@ -129,26 +134,35 @@ class Bench:
                     await s.execute("1+1", timeout=30)
             except BenchError as exc:
                 failed.add(name)
-                self.r.error(name, "rtt", exc)
+                self.r.error(name, stage, exc)
         per_round = max(1, self.p.rtt_runs // self.p.rounds)
+        targets = {t.name: t for t in self.targets}
+        cpu: dict[str, list[float]] = {name: [] for name in sessions}
         for _ in range(self.p.rounds):
             for name, s in sessions.items():
                 if name in failed:
                     continue
+                pid = targets[name].server_pid()
                 try:
+                    cpu0 = procs.cpu_seconds(pid) if pid else 0.0
                     for _ in range(per_round):
                         t0 = time.perf_counter()
                         await s.execute("1+1", timeout=30)
                         times[name].append(time.perf_counter() - t0)
+                    if pid:
+                        cpu[name].append((procs.cpu_seconds(pid) - cpu0) / per_round * 1e6)
                 except BenchError as exc:
                     failed.add(name)
-                    self.r.error(name, "rtt", exc)
+                    self.r.error(name, stage, exc)
         for name, ts in times.items():
             if ts and name not in failed:
-                self.r.put("rtt_median_ms", name, statistics.median(ts) * 1e3)
-                self.r.put("rtt_p99_ms", name, percentile(ts, 99) * 1e3)
-                self.r.detail("rtt", name, {"runs": len(ts), "min_ms": min(ts) * 1e3,
-                                            "mean_ms": statistics.fmean(ts) * 1e3})  # fmt: skip
+                self.r.put(f"{stage}_median_ms", name, statistics.median(ts) * 1e3)
+                self.r.put(f"{stage}_p99_ms", name, percentile(ts, 99) * 1e3)
+                if cpu[name]:
+                    self.r.put(f"{stage}_server_cpu_us", name, statistics.median(cpu[name]))
+                self.r.detail(stage, name, {"runs": len(ts), "min_ms": min(ts) * 1e3,
+                                            "mean_ms": statistics.fmean(ts) * 1e3,
+                                            "server_cpu_us": cpu[name]})  # fmt: skip
 
     async def output(self, sessions: dict[str, Session]) -> None:
         n = self.p.lines
@@ -231,6 +245,10 @@ class Bench:
                 except BenchError as exc:
                     self.r.error(name, "relay", exc)
                     await sessions.pop(name).close()
+            # The flood kernel answers `1+1` at once (busy, reply, idle): what a round trip
+            # costs beyond the kernel's own time.
+            print(f"* round trip on the flood kernel: {self.p.rtt_runs} runs", flush=True)
+            await self.round_trips(sessions, "floor_rtt")
             for _ in range(self.p.rounds):
                 for name, s in sessions.items():
                     pid = targets[name].server_pid()
