@@ -27,8 +27,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kallichore_trio import zmq_trio
-from kallichore_trio.api import hypercorn_ext
+from kallichore_trio import wsconn, zmq_trio
 from kallichore_trio.daemon import run_daemon
 from kallichore_trio.session import session
 from tests.conftest import daemon_config, new_session_body
@@ -65,7 +64,7 @@ def is_idle(_session: Any, msg: Any, channel: str, **_: Any) -> bool:
     return channel == "iopub" and msg.msg_type == "status" and b'"idle"' in msg.content
 
 
-mark(hypercorn_ext.WebSocketControl, "receive_text", "reader has the frame")
+mark(wsconn.WsprotoConnection, "receive_text", "reader has the frame")
 mark(session.KernelSession, "deliver", "delivered to the kernel")
 mark(zmq_trio.TrioSocket, "_flush", "handed to zmq",
      lambda sock, result: bool(result) and sock.name == "shell")

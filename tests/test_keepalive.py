@@ -13,6 +13,9 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from wsproto import ConnectionType
+from wsproto.connection import Connection
+from wsproto.events import Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
 from tests.conftest import RunningDaemon, _daemon, daemon_config
@@ -115,3 +118,23 @@ async def test_permessage_deflate_is_declined(daemon: RunningDaemon) -> None:
     async with ws.stream:
         assert ws.accepted is not None
         assert ws.accepted.extensions == []
+
+
+async def test_a_request_sent_with_the_upgrade_is_answered(daemon: RunningDaemon) -> None:
+    """Frames that arrive before the 101 (in the same write as the upgrade request) reach the
+    session: Hypercorn would answer them with a 400, the handover keeps them."""
+    session_id = await started(daemon)
+    stream = await trio.open_tcp_stream("127.0.0.1", daemon.address.port)
+    async with stream:
+        ws = RawWebSocket(stream)
+        request = ws.ws.send(Request(host="localhost", target=f"/sessions/{session_id}/channels"))
+        msg_id = "sent-with-the-upgrade"
+        frame = Connection(ConnectionType.CLIENT).send(
+            TextMessage(data=json.dumps(execute_request("6*7", msg_id))))
+        await stream.send_all(request + frame)
+        results = []
+        with trio.fail_after(60):
+            while not is_idle_for(message := json.loads(await ws.receive_text()), msg_id):
+                if message.get("header", {}).get("msg_type") == "execute_result":
+                    results.append(message["content"]["data"]["text/plain"])
+        assert results == ["42"]

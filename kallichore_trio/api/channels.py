@@ -1,6 +1,7 @@
 """GET /sessions/{id}/channels: the session's client channel.
 
-TCP: a WebSocket upgrade on the API port, served by Quart. Socket transport: the call returns
+TCP: a WebSocket upgrade on the API port, accepted by Quart and then served by `wsconn` on the
+TCP stream Hypercorn hands over (api.hypercorn_ext). Socket transport: the call returns
 the path of a per-session Unix socket that accepts a WebSocket (with an HTTP upgrade on any
 path, or raw framing) and serves it with `wsconn`.
 """
@@ -9,19 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import trio
 from quart import Quart, Response, websocket
 
-from kallichore_trio.api.hypercorn_ext import EXTENSION, WebSocketControl
+from kallichore_trio.api.hypercorn_ext import EXTENSION
 from kallichore_trio.api.responses import authenticated, error_response, json_response
 from kallichore_trio.errors import SessionNotFound, SocketPathError
 from kallichore_trio.session.session import KernelSession
 from kallichore_trio.wsconn import (
     ClientConnection,
-    ClientGone,
     SocketPathTooLong,
     default_socket_dir,
     serve_unix_socket,
@@ -32,52 +31,6 @@ if TYPE_CHECKING:
     from kallichore_trio.daemon import Daemon
 
 log = logging.getLogger(__name__)
-
-
-class QuartConnection:
-    """The ClientConnection of a Quart WebSocket (TCP transport).
-
-    Everything goes through the stream's WebSocketControl (api.hypercorn_ext): client messages
-    straight from Hypercorn, frames out in batches, Pings we count the Pongs of, and an abort
-    for a client that stops reading. Quart only accepts the upgrade and closes.
-    """
-
-    def __init__(self, control: WebSocketControl) -> None:
-        self._control = control
-
-    def __repr__(self) -> str:
-        return f"<QuartConnection {self._control!r}>"
-
-    @property
-    def last_pong(self) -> bytes | None:
-        return self._control.last_pong
-
-    async def send_text(self, text: str) -> None:
-        await self.send_texts((text,))
-
-    async def send_texts(self, texts: Sequence[str]) -> None:
-        if not await self._control.send_texts(texts):
-            raise ClientGone("the WebSocket connection is closed")
-
-    async def receive_text(self) -> str | None:
-        # Binary frames are ignored: buffers travel base64-encoded inside the JSON.
-        text = await self._control.receive_text()
-        return text or None  # an empty text frame closes, as in the reference
-
-    async def ping(self, payload: bytes) -> None:
-        if not await self._control.ping(payload):
-            raise ClientGone("the WebSocket connection is closed")
-
-    async def abort(self) -> None:
-        await self._control.abort()
-
-    async def close(self) -> None:
-        if not self._control.usable:
-            return
-        try:
-            await websocket.close(1000)
-        except (RuntimeError, ClientGone):
-            pass
 
 
 def register(app: Quart, daemon: Daemon) -> None:
@@ -93,12 +46,20 @@ def register(app: Quart, daemon: Daemon) -> None:
         except SessionNotFound as exc:
             # 400, not 404, as the reference answers an upgrade for an unknown session.
             return json_response(exc.to_dict(), 400)
-        control = websocket.scope["extensions"].get(EXTENSION)
-        if control is None:  # Hypercorn without api.hypercorn_ext.install(): not a supported setup
+        handover = websocket.scope["extensions"].get(EXTENSION)
+        if handover is None:  # Hypercorn without api.hypercorn_ext.install(): not supported
             return json_response(
-                {"code": "500", "message": "WebSocket control is not installed"}, 500)
+                {"code": "500", "message": "WebSocket handover is not installed"}, 500)
         await websocket.accept()
-        await session.serve_client(QuartConnection(control))
+        # From here the connection is ours, served like a Unix socket client (wsconn).
+        conn = await handover.take_over()
+        if conn is None:
+            log.debug("session %s: client left during the WebSocket upgrade", session_id)
+            return None
+        try:
+            await session.serve_client(conn)
+        finally:
+            await conn.close()
         return None
 
     @app.get("/sessions/<session_id>/channels")
@@ -146,4 +107,4 @@ async def open_session_socket(daemon: Daemon, session: KernelSession) -> os.Path
     return path
 
 
-__all__ = ["QuartConnection", "register"]
+__all__ = ["register"]

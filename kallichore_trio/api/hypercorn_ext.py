@@ -1,190 +1,216 @@
 """Everything we change in Hypercorn, in one place.
 
-Hypercorn serves the HTTP API and the TCP channels WebSocket. Three things it does not do, and
-this module adds by replacing two of its classes (`install()`):
+Hypercorn serves the HTTP API and the upgrade of the TCP channels WebSocket. Two things it does
+not do, and this module adds by replacing two of its classes (`install()`):
 
-1. **The WebSocket beyond ASGI.** ASGI lets an application send and receive messages, nothing
-   more. `ControlledWSStream` puts a `WebSocketControl` into the connection's ASGI scope under
-   `scope["extensions"][EXTENSION]`, which `api.channels` uses for:
-   * receiving: client messages go from Hypercorn's reader to the control's bounded inbox,
-     skipping the ASGI queue and Quart's (two task hops on every request's way in);
-   * keep-alive accounting: a Ping with a payload and the payload of the latest Pong, so a
-     client that stops answering is noticed (ASGI never shows Pongs to the app);
-   * batched writes: many messages encoded and handed to the socket in one write, instead of
-     one ASGI event, one wsproto call and one `send_all` per message (the relay's biggest cost);
-   * abort: the TCP connection closed under a write that is stuck. Hypercorn shields its
-     `send_all`, so a client that stops reading would hold the writer forever.
-   The stream also declines permessage-deflate: the reference server (tungstenite) never
-   negotiates it, and on a loopback channel compressing every frame costs CPU on both ends for
-   nothing. And it drops bytes that follow an upgrade the app refused with an HTTP response,
-   where Hypercorn would try to send a second response and fail.
+1. **The WebSocket is handed over once accepted.** ASGI lets an application send and receive
+   messages and nothing more: no Pongs, no batched writes, no way to abort a write stuck on a
+   client that stopped reading (Hypercorn shields its `send_all`). And every message crosses
+   Hypercorn's layers (TCP server, HTTP/1.1 protocol, WebSocket stream, ASGI queue, Quart's
+   queue), a few task hops and a few hundred microseconds of Python per round trip. So once the
+   app accepts the upgrade, Hypercorn lets go of the connection: its reader stops, its stream
+   goes inert, and the app gets the TCP stream and the wsproto connection as a
+   `wsconn.WsprotoConnection`, the same code that serves the per-session Unix sockets.
+   The app finds the handover in the ASGI scope, `scope["extensions"][EXTENSION]`, and calls
+   `take_over()` after `websocket.accept()`.
+   The stream also declines permessage-deflate (the reference server, tungstenite, never
+   negotiates it, and on loopback compressing every frame costs CPU on both ends for nothing),
+   keeps frames a client sends before the 101 arrives (Hypercorn would answer them with a 400),
+   and drops bytes that follow an upgrade the app refused with an HTTP response, where Hypercorn
+   would try to send a second response and fail.
 2. **One connection's failure stays that connection's.** An exception escaping Hypercorn's
    per-connection task would end `serve` and with it the daemon. `GuardedTCPServer` logs it and
    closes only that connection.
 
 Hypercorn is pinned in pyproject.toml, and tests/test_keepalive.py fails if the replacement
-stops taking effect (the channel route also refuses a WebSocket whose scope lacks the control),
+stops taking effect (the channel route also refuses a WebSocket whose scope lacks the handover),
 so an upgrade that changes these internals fails loudly rather than silently.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterable
+from math import inf
 from typing import Any
 
 import hypercorn.protocol.h2
 import hypercorn.protocol.h11
 import hypercorn.trio.run
 import trio
-from hypercorn.protocol.events import Body, Data, StreamClosed
+from hypercorn.events import Closed, RawData
+from hypercorn.protocol.events import Body, Data
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
-from hypercorn.trio.tcp_server import TCPServer
-from wsproto.events import Event, Ping, Pong, TextMessage
-from wsproto.utilities import LocalProtocolError
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
+
+from kallichore_trio.wsconn import WsprotoConnection
 
 log = logging.getLogger(__name__)
 
-EXTENSION = "kallichore.websocket_control"
+EXTENSION = "kallichore.websocket_handover"
+
+#: Bytes a client may send after its upgrade request and before the 101 (none is usual).
+_EARLY_LIMIT = 1 << 20
+_ANSWERED = frozenset({ASGIWebsocketState.RESPONSE, ASGIWebsocketState.HTTPCLOSED})
 
 
-class WebSocketControl:
-    """Pings, Pongs, batched writes and abort for one Hypercorn WebSocket."""
+class WebSocketHandover:
+    """Gives an accepted WebSocket's connection to the app, away from Hypercorn."""
 
-    def __init__(self, stream: ControlledWSStream) -> None:
+    def __init__(self, stream: ControlledWSStream, server: GuardedTCPServer | None) -> None:
         self._stream = stream
-        #: Payload of the latest Pong received, or None before the first.
-        self.last_pong: bytes | None = None
-        # Messages from the client come here straight from Hypercorn's reader, not through
-        # the ASGI receive queue and Quart's own queue: two task hops fewer per request.
-        # Bounded: a full inbox holds Hypercorn's reader, and so the client, back.
-        self._inbox_send, self._inbox = trio.open_memory_channel[Any](_INBOX_SIZE)
+        self._server = server  # None under HTTP/2, which we never negotiate (no TLS)
 
     def __repr__(self) -> str:
-        return f"<WebSocketControl state={self._stream.state.name} closed={self._stream.closed}>"
+        return f"<WebSocketHandover state={self._stream.state.name} closed={self._stream.closed}>"
 
-    @property
-    def usable(self) -> bool:
-        return not self._stream.closed and self._stream.state == ASGIWebsocketState.CONNECTED
-
-    async def receive_text(self) -> str | None:
-        """The next text message from the client; None once it is gone. Binary messages
-        are skipped (this protocol carries none)."""
-        while True:
-            try:
-                message = await self._inbox.receive()
-            except trio.EndOfChannel:
-                return None
-            text = message.get("text")
-            if text is not None:
-                return text
-
-    async def send_texts(self, texts: Iterable[str]) -> bool:
-        """Send text messages in one socket write; False if the connection is gone."""
-        stream = self._stream
-        if not self.usable:
-            return False
-        encode = stream.connection.send
-        try:
-            data = b"".join([encode(TextMessage(data=text)) for text in texts])
-        except LocalProtocolError:  # a Close was sent or received: no more data frames
-            return False
-        await stream.send(Data(stream_id=stream.stream_id, data=data))
-        return not stream.closed
-
-    async def ping(self, payload: bytes) -> bool:
-        """Send a Ping; False if the connection is gone."""
-        stream = self._stream
-        if not self.usable:
-            return False
-        try:
-            data = stream.connection.send(Ping(payload=payload))
-        except LocalProtocolError:
-            return False
-        await stream.send(Data(stream_id=stream.stream_id, data=data))
-        return not stream.closed
-
-    async def abort(self) -> None:
-        """Close the TCP connection now, waking a write blocked on it."""
-        stream = self._stream
-        if not stream.closed:
-            # StreamClosed makes the HTTP/1.1 protocol close the transport (an upgraded
-            # connection is never recycled); that wakes a blocked send_all with an error.
-            # Shielded: telling the app about the disconnect cancels the app's tasks, this
-            # one included, and a cancel half-way would leave the socket open.
-            with trio.CancelScope(shield=True):
-                await stream.send(StreamClosed(stream_id=stream.stream_id))
+    async def take_over(self) -> WsprotoConnection | None:
+        """After `websocket.accept()`: the connection, or None if the client already left
+        (or the upgrade was not accepted, or this is not a connection we can take)."""
+        stream, server = self._stream, self._server
+        if server is None or not stream.handed_over:
+            return None
+        await server.reader_stopped.wait()
+        if server.reader_hit_eof:
+            return None
+        ws = stream.connection
+        if stream.early_data:
+            ws.receive_data(bytes(stream.early_data))
+            stream.early_data.clear()
+        return WsprotoConnection(
+            server.stream, ws, max_message_bytes=stream.config.websocket_max_message_size)
 
 
-class _AppWithControl:
-    """Wraps the ASGI app so the scope it sees carries the stream's WebSocketControl."""
+class _AppWithHandover:
+    """Wraps the ASGI app so the scope it sees carries the stream's WebSocketHandover."""
 
-    def __init__(self, app: Any, control: WebSocketControl) -> None:
+    def __init__(self, app: Any, handover: WebSocketHandover) -> None:
         self._app = app
-        self._control = control
+        self._handover = handover
 
     async def __call__(self, scope: Any, *args: Any) -> None:
-        scope["extensions"][EXTENSION] = self._control
+        scope["extensions"][EXTENSION] = self._handover
         await self._app(scope, *args)
 
 
-_ANSWERED = frozenset({ASGIWebsocketState.RESPONSE, ASGIWebsocketState.HTTPCLOSED})
-_INBOX_SIZE = 64
+class _AppOfServer:
+    """The app as GuardedTCPServer passes it down, so a stream can find its connection."""
+
+    def __init__(self, app: Any, server: GuardedTCPServer) -> None:
+        self.app = app
+        self.server = server
+
+    async def __call__(self, *args: Any) -> None:
+        await self.app(*args)
 
 
 class ControlledWSStream(WSStream):
+    #: Only an HTTP/1.1 connection carries one WebSocket that can be given away whole.
+    _can_hand_over = True
+
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
-        self.control = WebSocketControl(self)
-        super().__init__(_AppWithControl(app, self.control), *args, **kwargs)
+        server = None
+        if isinstance(app, _AppOfServer):
+            server = app.server if self._can_hand_over else None
+            app = app.app
+        self._server = server
+        self.handover = WebSocketHandover(self, server)
+        #: Set once the app accepted and Hypercorn let go of the connection.
+        self.handed_over = False
+        #: WebSocket bytes that came before the app accepted; the app's connection gets them.
+        self.early_data = bytearray()
+        super().__init__(_AppWithHandover(app, self.handover), *args, **kwargs)
 
     async def handle(self, event: Any) -> None:
-        if isinstance(event, (Body, Data)) and self.state in _ANSWERED:
-            return  # the app refused the upgrade with a response; nothing more is due
+        if isinstance(event, (Body, Data)):
+            if self.state in _ANSWERED:
+                return  # the app refused the upgrade with a response; nothing more is due
+            if self._server is not None:
+                # Frames before (or just as) the app accepts: the app's connection reads them
+                # first. Bounded; beyond that Hypercorn's 400 stands.
+                if self.handed_over or len(self.early_data) + len(event.data) <= _EARLY_LIMIT:
+                    self.early_data += event.data
+                    return
+                self.early_data.clear()
         await super().handle(event)
 
     async def _accept(self, message: Any) -> None:
         self.handshake.extensions = None  # decline permessage-deflate (see the module doc)
-        await super()._accept(message)
-        events = self.connection.events
-
-        def events_noting_pongs() -> Generator[Event]:
-            for event in events():
-                if isinstance(event, Pong):
-                    self.control.last_pong = bytes(event.payload)
-                yield event
-
-        # Hypercorn's event loop ignores Pongs; tap them on the way past.
-        self.connection.events = events_noting_pongs  # type: ignore[method-assign]
-        self._put_to_app = self.app_put
-        self.app_put = self._put
-
-    async def _put(self, message: Any) -> None:
-        """Route client messages to the control's inbox; everything else to the app."""
-        if message["type"] == "websocket.receive":
-            try:
-                await self.control._inbox_send.send(message)
-            except trio.ClosedResourceError:
-                pass
+        server = self._server
+        if server is None:
+            await super()._accept(message)
             return
-        if message["type"] == "websocket.disconnect":
-            self.control._inbox_send.close()
-        assert self._put_to_app is not None
-        await self._put_to_app(message)
+        # Stop Hypercorn's reader before the 101 goes out: from then on the client may send
+        # frames, and they must reach the app's connection, not Hypercorn.
+        server.request_handover()
+        await super()._accept(message)
+        self.handed_over = True
+        # Inert from here: Hypercorn neither reads for this stream nor writes to it (the
+        # Close it sends when the app returns, for one).
+        self.closed = True
+
+
+class _H2WSStream(ControlledWSStream):
+    # HTTP/2 multiplexes streams on the connection (h2c by prior knowledge; we offer no TLS):
+    # no handover, take_over() returns None and the channel route closes.
+    _can_hand_over = False
 
 
 class GuardedTCPServer(TCPServer):
+    def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(_AppOfServer(app, self), *args, **kwargs)
+        self._handover_requested = False
+        self._read_scope: trio.CancelScope | None = None
+        #: Set when the reader has stopped (handover, EOF or error) and touches the stream no more.
+        self.reader_stopped = trio.Event()
+        self.reader_hit_eof = False
+
     async def run(self) -> None:
         try:
             await super().run()
         except Exception:  # not BaseException: cancellation and KeyboardInterrupt go through
             log.exception("an HTTP connection failed inside Hypercorn; closed it, serving on")
 
+    def request_handover(self) -> None:
+        """Stop reading: the connection is the app's now. Hypercorn closes it once the app
+        returns (TCPServer.run waits for the app's task, then closes the stream)."""
+        self._handover_requested = True
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    async def _read_data(self) -> None:
+        # Hypercorn's reader, with a way out that loses no bytes: trio's receive_some either
+        # returns data or is cancelled before reading any, and bytes read as the handover
+        # begins still go through the protocol to the stream, which keeps them for the app.
+        try:
+            while not self._handover_requested:
+                data: bytes | bytearray | None = None
+                with trio.CancelScope() as self._read_scope:
+                    try:
+                        with trio.fail_after(self.config.read_timeout or inf):
+                            data = await self.stream.receive_some(MAX_RECV)
+                    except (trio.ClosedResourceError, trio.BrokenResourceError,
+                            trio.TooSlowError):
+                        self.reader_hit_eof = True
+                        break
+                self._read_scope = None
+                if data is None:  # cancelled by request_handover
+                    break
+                await self.protocol.handle(RawData(bytes(data)))
+                if data == b"":
+                    self.reader_hit_eof = True
+                    break
+        finally:
+            self._read_scope = None
+            self.reader_stopped.set()
+        if not self._handover_requested or self.reader_hit_eof:
+            await self.protocol.handle(Closed())
+
 
 def install() -> None:
     """Make Hypercorn use ControlledWSStream and GuardedTCPServer; idempotent."""
     hypercorn.protocol.h11.WSStream = ControlledWSStream  # type: ignore[misc]
-    hypercorn.protocol.h2.WSStream = ControlledWSStream  # type: ignore[misc]
+    hypercorn.protocol.h2.WSStream = _H2WSStream  # type: ignore[misc]
     hypercorn.trio.run.TCPServer = GuardedTCPServer  # type: ignore[misc]
 
 
-__all__ = ["EXTENSION", "ControlledWSStream", "GuardedTCPServer", "WebSocketControl", "install"]
+__all__ = ["EXTENSION", "ControlledWSStream", "GuardedTCPServer", "WebSocketHandover", "install"]
