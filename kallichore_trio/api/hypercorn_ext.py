@@ -59,16 +59,19 @@ class WebSocketHandover:
     def __init__(self, stream: ControlledWSStream, server: GuardedTCPServer | None) -> None:
         self._stream = stream
         self._server = server  # None under HTTP/2, which we never negotiate (no TLS)
+        self._taken = False
 
     def __repr__(self) -> str:
         return f"<WebSocketHandover state={self._stream.state.name} closed={self._stream.closed}>"
 
     async def take_over(self) -> WsprotoConnection | None:
         """After `websocket.accept()`: the connection, or None if the client already left
-        (or the upgrade was not accepted, or this is not a connection we can take)."""
+        (or the upgrade was not accepted, or this is not a connection we can take). Once only:
+        a second call gets None, so two readers never share the stream."""
         stream, server = self._stream, self._server
-        if server is None or not stream.handed_over:
+        if server is None or not stream.handed_over or self._taken:
             return None
+        self._taken = True
         await server.reader_stopped.wait()
         if server.reader_hit_eof:
             return None
