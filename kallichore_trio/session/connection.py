@@ -2,8 +2,10 @@
 
 Ports are picked by binding port 0 and releasing it, which races with anything else binding
 ports on the machine. Two kernels *we* start at once never get the same port: every port handed
-out stays reserved, process-wide, until the kernel that got it is gone. (JEP 66 kernels bind
-their own ports and avoid the race entirely.)
+out stays reserved, process-wide, until the kernel that got it is gone. Other programs can still
+take a port in the meantime (ipykernel itself binds a random port for its output pipe while it
+starts): the kernel then fails to bind, and the session starts it again on fresh ports (see
+`Kernel.port_conflict`). JEP 66 kernels bind their own ports and avoid the race entirely.
 """
 
 from __future__ import annotations

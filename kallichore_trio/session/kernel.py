@@ -65,6 +65,8 @@ STARTUP_OUTPUT_LIMIT = 1024 * 1024
 #: A line longer than this without a newline is passed on in pieces.
 MAX_LINE = 64 * 1024
 HEARTBEAT_PAYLOAD = b"kallichore-heartbeat"
+#: strerror(EADDRINUSE) as kernels print it when a port we gave them was taken meanwhile.
+ADDRESS_IN_USE = "Address already in use"
 IOPUB_RCVHWM = 20_000
 #: The zmq adapter's safety wake-up; an idle daemon with many sessions pays for each tick.
 SOCKET_TICK = 5.0
@@ -101,6 +103,7 @@ class Kernel:
         plan: LaunchPlan | None,
         ports: PortReservation | None,
         startup_timeout: float,
+        retry_on_port_conflict: bool = False,
     ) -> None:
         self.session = session
         self.info = info
@@ -114,6 +117,13 @@ class Kernel:
         #: released (the next incarnation reuses the connection file's path).
         self.finished = trio.Event()
         self.started = False
+        #: The kernel could not bind a port we picked for it: another process took the port
+        #: between our check and the kernel's bind (the port race; see connection.py).
+        self.port_conflict = False
+        #: Set by the session when it will start a fresh incarnation on fresh ports after a
+        #: port conflict, so that this one's exit is not reported to clients.
+        self.retry_on_port_conflict = retry_on_port_conflict
+        self._address_in_use_printed = False
         self._signer = session.signer
         self._identity = zmq_identity(session.session_id)
         self._sockets: dict[str, TrioSocket] = {}
@@ -308,6 +318,13 @@ class Kernel:
         shell = self.plan.shell if self.plan is not None else None
         details = launch.startup_context(self.session.model, raw, shell, exited=exited)
         error: KallichoreError
+        if self.port_conflict:
+            error = SessionConnectionFailed(
+                "the kernel could not bind the ports it was given (address already in use)",
+                details=details,
+            )
+            exit_code = None if self.returncode is None else launch.exit_code_of(self.returncode)
+            return StartupFailure(error, exit_code=exit_code, output=self.startup_output())
         if exited and self.returncode is not None:
             if self.plan is not None and self.plan.handshake and self.info is None:
                 error = ExitedBeforeConnection(details=details)
@@ -341,10 +358,27 @@ class Kernel:
 
     def _on_line(self, stream: str, raw: bytes) -> None:
         text = raw.decode("utf-8", errors="replace")
-        if not self.started and self._output_size < STARTUP_OUTPUT_LIMIT:
-            self._output.append(text)
-            self._output_size += len(text)
+        if not self.started:
+            if self._output_size < STARTUP_OUTPUT_LIMIT:
+                self._output.append(text)
+                self._output_size += len(text)
+            if self.ports is not None and ADDRESS_IN_USE in text:
+                self._on_address_in_use(text)
         self.session.on_output(stream, text)
+
+    def _on_address_in_use(self, text: str) -> None:
+        """A kernel that failed to bind one of our ports will never answer: give up on it now.
+
+        ipykernel prints the ZMQError (naming the address) and then hangs, kept alive by its
+        threads; other kernels print and exit. A line naming one of our ports ends the
+        incarnation at once; the bare message counts if the process then exits.
+        """
+        self._address_in_use_printed = True
+        if any(f":{port}" in text for port in self.ports.ports.values()):  # type: ignore[union-attr]
+            self.port_conflict = True
+            log.warning("session %s: the kernel could not bind a port it was given: %s",
+                        self.session.session_id, text.strip()[-200:])
+            self._scope.cancel()
 
     async def _watch_process(self) -> None:
         assert self.process is not None
@@ -352,6 +386,8 @@ class Kernel:
         # Let the last lines the kernel printed arrive before its exit is reported.
         with trio.move_on_after(1.0):
             await self._readers_done.wait()
+        if not self.started and self._address_in_use_printed:
+            self.port_conflict = True
         log.info(
             "session %s: kernel pid %d exited (%s)",
             self.session.session_id,
@@ -483,6 +519,11 @@ class Kernel:
     @property
     def connected(self) -> bool:
         return self.started and not self.exited.is_set()
+
+    @property
+    def retrying(self) -> bool:
+        """This incarnation failed on a port conflict and the session starts another."""
+        return self.port_conflict and self.retry_on_port_conflict
 
     def signal(self, sig: signal.Signals) -> bool:
         pid = self.pid

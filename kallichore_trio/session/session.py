@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 #: Client messages held while no kernel is connected (delivered to the next one).
 HELD_LIMIT = 1000
+#: Start attempts, each on freshly picked ports, when the kernel finds a port taken.
+PORT_ATTEMPTS = 3
 EVICTED_REASON = "Another client is connecting to this session."
 #: Frames whose loss under overflow costs little: output that a later frame supersedes.
 _DROPPABLE_IOPUB = frozenset({"stream"})
@@ -239,8 +241,8 @@ class KernelSession:
         self.emit(wire.output_event(stream, text), droppable=True)
 
     def on_kernel_exit(self, kernel: Kernel, code: int) -> None:
-        if kernel is not self.kernel:
-            return
+        if kernel is not self.kernel or kernel.retrying:
+            return  # a stale incarnation, or one about to be replaced on fresh ports
         reason = (
             "child process exited"
             if kernel.process is not None
@@ -335,18 +337,28 @@ class KernelSession:
             with trio.move_on_after(self.config.timeouts.kill):
                 await previous.finished.wait()
         self.set_status("starting", "start API called")
-        try:
-            kernel = self._prepare_kernel()
-        except KallichoreError as exc:
-            self.set_status("exited", str(exc))
-            raise StartupFailure(exc) from None
-        self.kernel = kernel
         assert self._nursery is not None
-        reply: dict[str, Any] = await self._nursery.start(self._run_kernel, kernel)
-        self._on_started(reply, parse_prompts=True)
-        return reply
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                kernel = self._prepare_kernel(retry_on_port_conflict=attempt < PORT_ATTEMPTS)
+            except KallichoreError as exc:
+                self.set_status("exited", str(exc))
+                raise StartupFailure(exc) from None
+            self.kernel = kernel
+            try:
+                reply: dict[str, Any] = await self._nursery.start(self._run_kernel, kernel)
+            except StartupFailure:
+                if not kernel.retrying:
+                    raise
+                log.warning("session %s: port conflict on start attempt %d of %d; "
+                            "starting again on fresh ports",
+                            self.session_id, attempt, PORT_ATTEMPTS)
+                continue
+            self._on_started(reply, parse_prompts=True)
+            return reply
+        raise AssertionError("unreachable: the last attempt never retries")
 
-    def _prepare_kernel(self) -> Kernel:
+    def _prepare_kernel(self, *, retry_on_port_conflict: bool) -> Kernel:
         cwd = self.working_directory
         if not os.path.isdir(cwd):
             raise ProcessStartFailed(
@@ -375,7 +387,8 @@ class KernelSession:
         plan = LaunchPlan(command=command, env=env, cwd=cwd, shell=shell,
                           connection_file=path, handshake=handshake)
         return Kernel(self, info=info, plan=plan, ports=ports,
-                      startup_timeout=self._startup_timeout())
+                      startup_timeout=self._startup_timeout(),
+                      retry_on_port_conflict=retry_on_port_conflict)
 
     async def _run_kernel(self, kernel: Kernel, *, task_status: trio.TaskStatus[Any]) -> None:
         try:
