@@ -363,10 +363,10 @@ class Kernel:
                 self._output.append(text)
                 self._output_size += len(text)
             if self.ports is not None and ADDRESS_IN_USE in text:
-                self._on_address_in_use(text)
+                self._on_address_in_use(text, self.ports)
         self.session.on_output(stream, text)
 
-    def _on_address_in_use(self, text: str) -> None:
+    def _on_address_in_use(self, text: str, ports: PortReservation) -> None:
         """A kernel that failed to bind one of our ports will never answer: give up on it now.
 
         ipykernel prints the ZMQError (naming the address) and then hangs, kept alive by its
@@ -374,7 +374,7 @@ class Kernel:
         incarnation at once; the bare message counts if the process then exits.
         """
         self._address_in_use_printed = True
-        if any(f":{port}" in text for port in self.ports.ports.values()):  # type: ignore[union-attr]
+        if any(f":{port}" in text for port in ports.ports.values()):
             self.port_conflict = True
             log.warning("session %s: the kernel could not bind a port it was given: %s",
                         self.session.session_id, text.strip()[-200:])
