@@ -14,12 +14,17 @@ commands -- ``send``, ``recv``, ``getsockopt(EVENTS)``, ``setsockopt(SUBSCRIBE)`
 
 The only safe pattern is: re-read ``zmq.EVENTS`` after every zmq call, act on it, and sleep on the
 FD only when EVENTS says there is nothing to do -- with no checkpoint between that last EVENTS
-read and the sleep. That in turn means exactly one task may touch a socket. Here that task is the
-*owner*; every other task talks to it through two bounded Trio memory channels:
+read and the sleep. That in turn means one task drives a socket: the *owner*. Every other task
+talks to it through two bounded Trio memory channels, with one exception for sends:
 
-* ``await sock.send(frames)`` / ``sock.send_nowait(frames)`` -> outbound channel -> owner sends
-  with ``NOBLOCK``; on ``zmq.Again`` it keeps the message (and the frame it stopped at) and retries
-  when EVENTS reports POLLOUT. A full outbound channel is backpressure on the producers.
+* ``await sock.send(frames)`` / ``sock.send_nowait(frames)``: if nothing is queued and EVENTS
+  says POLLOUT, the calling task hands the message to zmq itself (a request's hop to the owner
+  is on the round trip's critical path). This is safe because Trio runs one task at a time, so
+  the owner is suspended in a checkpoint or in its FD wait, and because the sender re-reads
+  EVENTS after its send and wakes a sleeping owner if zmq has a message for it: that send may
+  have consumed the very edge the owner sleeps on. Otherwise -> outbound channel -> owner sends
+  with ``NOBLOCK``; on ``zmq.Again`` it keeps the message (and the frame it stopped at) and
+  retries when EVENTS reports POLLOUT. A full outbound channel is backpressure on the producers.
 * owner ``recv_multipart(NOBLOCK)`` -> inbound channel -> ``await sock.receive()`` /
   ``async for frames in sock``. When the inbound channel is full the owner holds one message and
   stops receiving, so libzmq buffers (up to RCVHWM, after which DEALER/ROUTER push back on the peer
@@ -142,15 +147,23 @@ class TrioSocket:
         return self._closed
 
     async def send(self, frames: Sequence[bytes]) -> None:
-        """Queue one multipart message; blocks while the outbound channel is full."""
+        """Send one multipart message: at once if zmq takes it, else queue it for the owner
+        (blocking while the outbound channel is full). Always a checkpoint."""
         msg = self._checked(frames)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if self._send_direct(msg):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
         await self._out_send.send(msg)
         self._wake()
 
     def send_nowait(self, frames: Sequence[bytes]) -> None:
-        """Queue one multipart message or raise trio.WouldBlock if the channel is full."""
-        self._out_send.send_nowait(self._checked(frames))
-        self._wake()
+        """Send or queue one multipart message; trio.WouldBlock if it must queue and the
+        channel is full."""
+        msg = self._checked(frames)
+        if not self._send_direct(msg):
+            self._out_send.send_nowait(msg)
+            self._wake()
 
     async def receive(self) -> Frames:
         """The next multipart message, in arrival order."""
@@ -206,6 +219,40 @@ class TrioSocket:
         if not frames:
             raise ValueError("a zmq message needs at least one frame")
         return list(frames)
+
+    def _send_direct(self, msg: Frames) -> bool:
+        """Hand `msg` to zmq from the calling task, saving the hop to the owner (a request's
+        way to the kernel is the round trip's critical path). Only when nothing is queued
+        ahead of it, so order holds, and only while EVENTS says POLLOUT. The send may have
+        processed the command that set the FD the owner sleeps on (the lost wake-up of the
+        module doc), so EVENTS is read again after it and the owner woken if zmq has
+        something for it. True if zmq has the message (or its first frames: the owner
+        finishes it)."""
+        if self._held_out is not None or self._out_queued():
+            return False
+        zsock = self.zmq_socket
+        if not self._events() & _POLLOUT:
+            return False
+        last = len(msg) - 1
+        for pos, frame in enumerate(msg):
+            try:
+                zsock.send(frame, _NOBLOCK | (_SNDMORE if pos < last else 0))
+            except zmq.Again:
+                if pos == 0:
+                    return False
+                # libzmq accepts the rest of a multipart message once it took the first
+                # frame; should it not, the owner resumes where this stopped.
+                self._held_out, self._out_pos = msg, pos
+                self._wake()
+                return True
+        self._sent += 1
+        if self._wait_scope is not None and self._events() & _POLLIN:
+            self._wake()
+        return True
+
+    def _out_queued(self) -> bool:
+        stats = self._out_send.statistics()  # senders blocked on a full channel count too
+        return bool(stats.current_buffer_used or stats.tasks_waiting_send)
 
     def _wake(self) -> None:
         if self._wait_scope is not None:

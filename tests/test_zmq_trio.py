@@ -178,11 +178,11 @@ async def test_send_does_not_eat_a_pending_receive_wakeup(ctx: zmq.Context[Any])
     """The lost wake-up, made deterministic by blocking the Trio loop on purpose.
 
     The owner sleeps on the FD. A peer message M arrives and signals the FD, but before Trio
-    runs again a producer queues a send, which wakes the owner through the outbound path. A
-    naive adapter then just sends (consuming M's edge, see the premise test above) and goes
-    back to wait_readable(FD) without re-reading EVENTS: it never receives M and this test
-    hits its 5 s fail_after. The safety tick is set to 60 s, so only re-reading EVENTS (not
-    the timeout) can make this pass."""
+    runs again a producer sends, which zmq takes at once from the producer's task (the direct
+    path). That send consumes M's edge (see the premise test above). A naive adapter leaves
+    the owner in wait_readable(FD): it never receives M and this test hits its 5 s
+    fail_after. The safety tick is set to 60 s, so only re-reading EVENTS after the send and
+    waking the owner (not the timeout) can make this pass."""
     router = raw_socket(ctx, zmq.ROUTER)
     try:
         router.bind(LOCAL)
@@ -202,6 +202,38 @@ async def test_send_does_not_eat_a_pending_receive_wakeup(ctx: zmq.Context[Any])
                     assert await dealer.receive() == [b"M%d" % i]
                 assert await raw_recv(router) == [ident, b"ping%d" % i]
             assert dealer.statistics().missed_wakeups == 0
+    finally:
+        close_raw(router)
+
+
+async def test_sends_keep_their_order_when_zmq_pushes_back(
+    ctx: zmq.Context[Any], tmp_path: Path
+) -> None:
+    """Direct sends stop while anything is queued for the owner, so order holds.
+
+    The DEALER connects to an address nobody listens on yet, with SNDHWM 2: zmq takes m0 and
+    m1 from the sender's task (the direct path), then says Again, so m2 waits for the owner.
+    Trio is kept frozen while the peer binds and takes m0 and m1, so zmq has room again but
+    the owner has not run: m3 must still queue behind m2 instead of overtaking it."""
+    router = raw_socket(ctx, zmq.ROUTER)
+    address = f"ipc://{tmp_path}/later"
+    try:
+        async with open_socket(ctx, zmq.DEALER, connect=address, sndhwm=2, tick=60.0) as dealer:
+            for i in range(3):
+                dealer.send_nowait([b"m%d" % i])
+            stats = dealer.statistics()
+            assert (stats.messages_sent, stats.pending_outbound) == (2, 1)
+            router.bind(address)
+            for i in range(2):  # blocking: Trio does not run, so neither does the owner
+                assert router.poll(5000), "m0/m1 never reached the peer"
+                assert router.recv_multipart()[1] == b"m%d" % i
+            time.sleep(0.005)  # past libzmq's command throttle: the send sees the room
+            dealer.send_nowait([b"m3"])
+            got = [(await raw_recv(router))[1] for _ in range(2)]
+            assert got == [b"m2", b"m3"]
+            await dealer.send([b"after"])  # nothing queued any more: direct again
+            assert dealer.statistics().pending_outbound == 0
+            assert (await raw_recv(router))[1] == b"after"
     finally:
         close_raw(router)
 
