@@ -223,7 +223,7 @@ class TrioSocket:
     def _send_direct(self, msg: Frames) -> bool:
         """Hand `msg` to zmq from the calling task, saving the hop to the owner (a request's
         way to the kernel is the round trip's critical path). Only when nothing is queued
-        ahead of it, so order holds, and only while EVENTS says POLLOUT. The send may have
+        ahead of it, so order holds, and only if zmq takes it (no Again). The send may have
         processed the command that set the FD the owner sleeps on (the lost wake-up of the
         module doc), so EVENTS is read again after it and the owner woken if zmq has
         something for it. True if zmq has the message (or its first frames: the owner
@@ -231,8 +231,6 @@ class TrioSocket:
         if self._held_out is not None or self._out_queued():
             return False
         zsock = self.zmq_socket
-        if not self._events() & _POLLOUT:
-            return False
         last = len(msg) - 1
         for pos, frame in enumerate(msg):
             try:

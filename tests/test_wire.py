@@ -31,9 +31,11 @@ from kallichore_trio.wire import (
     execution_queued_event,
     exited_event,
     format_date,
+    format_timestamp,
     handshake_completed_event,
     kernel_event_frame,
     new_msg_id,
+    now_date,
     output_event,
     parse_client_frame,
     parse_kernel_frames,
@@ -370,6 +372,30 @@ def test_metadata_and_content_left_raw() -> None:
 )
 def test_format_date(dt: datetime, expected: str) -> None:
     assert format_date(dt) == expected
+
+
+@pytest.mark.parametrize(
+    ("t", "expected"),
+    [
+        (1772467561.123, "2026-03-02T16:06:01.123Z"),
+        (1772467561.0, "2026-03-02T16:06:01.000Z"),
+        (1772467561.9995, "2026-03-02T16:06:01.999Z"),  # truncated, never .1000
+        (1772467562.25, "2026-03-02T16:06:02.250Z"),  # the next second: a new prefix
+        (1772467561.5, "2026-03-02T16:06:01.500Z"),  # and back: the cache follows
+        (0.0, "1970-01-01T00:00:00.000Z"),
+    ],
+)
+def test_format_timestamp(t: float, expected: str) -> None:
+    assert format_timestamp(t) == expected
+
+
+def test_now_date_is_now() -> None:
+    before = datetime.now(UTC).replace(microsecond=0)
+    stamp = now_date()
+    after = datetime.now(UTC)
+    parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert before <= parsed <= after
+    assert format_date(parsed) == stamp
 
 
 def test_format_date_rejects_naive() -> None:

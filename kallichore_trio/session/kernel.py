@@ -16,7 +16,6 @@ process left in its group are gone, and its ports are released.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
 import os
@@ -591,4 +590,4 @@ class Kernel:
 
 
 def _now() -> str:
-    return wire.format_date(dt.datetime.now(dt.UTC))
+    return wire.now_date()

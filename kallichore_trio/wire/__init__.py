@@ -11,7 +11,9 @@ from kallichore_trio.wire.jupyter import (
     build_frames,
     dumps,
     format_date,
+    format_timestamp,
     new_msg_id,
+    now_date,
     parse_kernel_frames,
 )
 from kallichore_trio.wire.kallichore import (
@@ -50,9 +52,11 @@ __all__ = [
     "execution_queued_event",
     "exited_event",
     "format_date",
+    "format_timestamp",
     "handshake_completed_event",
     "kernel_event_frame",
     "new_msg_id",
+    "now_date",
     "output_event",
     "parse_client_frame",
     "parse_kernel_frames",

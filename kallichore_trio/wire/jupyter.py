@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -237,8 +238,32 @@ def format_date(dt: datetime) -> str:
     if dt.tzinfo is None:
         # A naive datetime is ambiguous (local or UTC?); refuse rather than guess.
         raise ValueError("format_date needs a timezone-aware datetime")
-    utc = dt.astimezone(UTC)
-    return f"{utc:%Y-%m-%dT%H:%M:%S}.{utc.microsecond // 1000:03d}Z"
+    # isoformat is one C call; strftime goes through CPython's format wrapper and the time
+    # module, and cost ~10 % of the daemon's CPU per request in a profile.
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+class _SecondCache:
+    second = -1
+    prefix = ""
+
+
+def format_timestamp(t: float) -> str:
+    """`format_date` for a POSIX timestamp (e.g. ``time.time()``), cheaper on the hot path:
+    the date and time up to the second are formatted once per second, not once per message."""
+    # Rounded to the microsecond first, as datetime.fromtimestamp does: 1772467561.123 is
+    # 1772467561.12299990654 as a float and must still read .123.
+    micros = round(t * 1_000_000)
+    second, micro = divmod(micros, 1_000_000)
+    if second != _SecondCache.second:
+        _SecondCache.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _SecondCache.second = second
+    return f"{_SecondCache.prefix}.{micro // 1000:03d}Z"
+
+
+def now_date() -> str:
+    """The current time as the header ``date`` of a message we send."""
+    return format_timestamp(time.time())
 
 
 def new_msg_id() -> str:
