@@ -127,6 +127,7 @@ class Bench:
         """`1+1` round trips, interleaved by target: metrics `{stage}_median_ms`,
         `{stage}_p99_ms` and `{stage}_server_cpu_us` (per round trip)."""
         times: dict[str, list[float]] = {name: [] for name in sessions}
+        round_medians: dict[str, list[float]] = {name: [] for name in sessions}
         failed: set[str] = set()
         for name, s in sessions.items():
             try:
@@ -145,10 +146,13 @@ class Bench:
                 pid = targets[name].server_pid()
                 try:
                     cpu0 = procs.cpu_seconds(pid) if pid else 0.0
+                    this_round = []
                     for _ in range(per_round):
                         t0 = time.perf_counter()
                         await s.execute("1+1", timeout=30)
-                        times[name].append(time.perf_counter() - t0)
+                        this_round.append(time.perf_counter() - t0)
+                    times[name] += this_round
+                    round_medians[name].append(statistics.median(this_round) * 1e3)
                     if pid:
                         cpu[name].append((procs.cpu_seconds(pid) - cpu0) / per_round * 1e6)
                 except BenchError as exc:
@@ -162,6 +166,7 @@ class Bench:
                     self.r.put(f"{stage}_server_cpu_us", name, statistics.median(cpu[name]))
                 self.r.detail(stage, name, {"runs": len(ts), "min_ms": min(ts) * 1e3,
                                             "mean_ms": statistics.fmean(ts) * 1e3,
+                                            "round_medians_ms": round_medians[name],
                                             "server_cpu_us": cpu[name]})  # fmt: skip
 
     async def output(self, sessions: dict[str, Session]) -> None:

@@ -1,0 +1,112 @@
+"""A/B: two versions of the daemon and the raw floor, round trips interleaved in one run.
+
+    git worktree add /tmp/kt-base <commit>
+    .venv/bin/python bench/ab.py /tmp/kt-base .            # ipykernel, 10 rounds of 30
+    .venv/bin/python bench/ab.py /tmp/kt-base . --kind flood --per-round 100
+
+Each argument is a source tree whose `kallichore_trio` package is run (through PYTHONPATH, which
+wins over the editable install). One kernel per target, all alive at once; each round runs
+`per_round` round trips on every target, in alternating order, so drift and noisy neighbours hit
+all three alike. A change in the daemon shows as `new/base`; `rounds new<base` says how many
+rounds agree. An A/A run (the same tree twice) gave new/base 1.007 on 2 cores, which is the
+noise of a single run: repeat a run before trusting a difference of a few per cent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from harness import procs
+from harness.kallichore import KallichoreTarget
+from harness.raw import RawTarget
+from harness.session import Session, Target
+from run_all import write_kernelspecs
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("base", type=Path, help="source tree of the base version")
+    p.add_argument("new", type=Path, help="source tree of the new version")
+    p.add_argument("--kind", choices=("ipykernel", "flood"), default="ipykernel")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--per-round", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=30)
+    return p.parse_args()
+
+
+def daemon(tree: Path, log_dir: Path) -> KallichoreTarget:
+    src = str(tree.resolve())
+    return KallichoreTarget(["env", f"PYTHONPATH={src}", sys.executable, "-m", "kallichore_trio"],
+                            log_dir)  # fmt: skip
+
+
+async def measure(a: argparse.Namespace, log_dir: Path) -> None:
+    targets: dict[str, Target] = {
+        "raw": RawTarget(),
+        "base": daemon(a.base, log_dir / "base"),
+        "new": daemon(a.new, log_dir / "new"),
+    }
+    sessions: dict[str, Session] = {}
+    try:
+        for name, target in targets.items():
+            await target.start()
+            sessions[name] = await target.open_session(a.kind)
+        for s in sessions.values():
+            for _ in range(a.warmup):
+                await s.execute("1+1", timeout=30)
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        medians: dict[str, list[float]] = {name: [] for name in sessions}
+        cpu = dict.fromkeys(sessions, 0.0)
+        for r in range(a.rounds):
+            for name in list(sessions)[:: 1 if r % 2 == 0 else -1]:
+                pid = targets[name].server_pid()
+                cpu0 = procs.cpu_seconds(pid) if pid else 0.0
+                this_round = []
+                for _ in range(a.per_round):
+                    t0 = time.perf_counter()
+                    await sessions[name].execute("1+1", timeout=30)
+                    this_round.append(time.perf_counter() - t0)
+                if pid:
+                    cpu[name] += procs.cpu_seconds(pid) - cpu0
+                times[name] += this_round
+                medians[name].append(statistics.median(this_round))
+    finally:
+        for s in sessions.values():
+            await s.close()
+        for target in targets.values():
+            await target.stop()
+    n = a.rounds * a.per_round
+    med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    agree = sum(new < base for new, base in zip(medians["new"], medians["base"], strict=True))
+    print(f"{a.kind}, {a.rounds} rounds of {a.per_round}: median raw {med['raw']:.3f} ms, "
+          f"base {med['base']:.3f} ms, new {med['new']:.3f} ms")
+    print(f"  base/raw {med['base'] / med['raw']:.3f}  new/raw {med['new'] / med['raw']:.3f}  "
+          f"new/base {med['new'] / med['base']:.3f}  rounds new<base {agree}/{a.rounds}")
+    print(f"  daemon CPU per round trip: base {cpu['base'] / n * 1e6:.0f} us, "
+          f"new {cpu['new'] / n * 1e6:.0f} us")  # fmt: skip
+
+
+def main() -> int:
+    a = parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
+        work = Path(tmp)
+        write_kernelspecs(work / "jupyter")
+        (work / "ipython").mkdir()
+        for sub in ("base", "new"):
+            (work / "logs" / sub).mkdir(parents=True)
+        os.environ.update(JUPYTER_PATH=str(work / "jupyter"), IPYTHONDIR=str(work / "ipython"),
+                          BENCH_RUN_ID=uuid.uuid4().hex, PYDEVD_DISABLE_FILE_VALIDATION="1")
+        asyncio.run(measure(a, work / "logs"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
