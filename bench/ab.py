@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from harness import procs
 from harness.kallichore import KallichoreTarget
 from harness.raw import RawTarget
 from harness.session import Session, Target
-from run_all import write_kernelspecs
+from run_all import prepare_environment
 
 
 def parse_args() -> argparse.Namespace:
@@ -98,12 +97,9 @@ def main() -> int:
     a = parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp:
         work = Path(tmp)
-        write_kernelspecs(work / "jupyter")
-        (work / "ipython").mkdir()
+        prepare_environment(work, uuid.uuid4().hex)
         for sub in ("base", "new"):
             (work / "logs" / sub).mkdir(parents=True)
-        os.environ.update(JUPYTER_PATH=str(work / "jupyter"), IPYTHONDIR=str(work / "ipython"),
-                          BENCH_RUN_ID=uuid.uuid4().hex, PYDEVD_DISABLE_FILE_VALIDATION="1")
         asyncio.run(measure(a, work / "logs"))
     return 0
 

@@ -166,18 +166,24 @@ async def main_async(a: argparse.Namespace, work: Path) -> int:
     return 1 if results.errors or strays else 0
 
 
+def prepare_environment(work: Path, run_id: str) -> None:
+    """Kernelspecs and an empty IPython profile under `work`, for this process and its children;
+    every process of the run carries `run_id` (see stray_processes)."""
+    write_kernelspecs(work / "jupyter")
+    (work / "ipython").mkdir()
+    os.environ.update(
+        JUPYTER_PATH=str(work / "jupyter"),
+        IPYTHONDIR=str(work / "ipython"),
+        BENCH_RUN_ID=run_id,
+        PYDEVD_DISABLE_FILE_VALIDATION="1",
+    )
+
+
 def main() -> int:
     a = parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
-        write_kernelspecs(work / "jupyter")
-        (work / "ipython").mkdir()
-        os.environ.update(
-            JUPYTER_PATH=str(work / "jupyter"),
-            IPYTHONDIR=str(work / "ipython"),
-            BENCH_RUN_ID=RUN_ID,
-            PYDEVD_DISABLE_FILE_VALIDATION="1",
-        )
+        prepare_environment(work, RUN_ID)
         return asyncio.run(main_async(a, work))
 
 

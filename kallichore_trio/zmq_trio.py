@@ -17,9 +17,10 @@ FD only when EVENTS says there is nothing to do -- with no checkpoint between th
 read and the sleep. That in turn means one task drives a socket: the *owner*. Every other task
 talks to it through two bounded Trio memory channels, with one exception for sends:
 
-* ``await sock.send(frames)`` / ``sock.send_nowait(frames)``: if nothing is queued and EVENTS
-  says POLLOUT, the calling task hands the message to zmq itself (a request's hop to the owner
-  is on the round trip's critical path). This is safe because Trio runs one task at a time, so
+* ``await sock.send(frames)`` / ``sock.send_nowait(frames)``: if nothing is queued, the calling
+  task hands the message to zmq itself, and only if zmq refuses it (Again) does it queue (a
+  request's hop to the owner is on the round trip's critical path). This is safe because Trio
+  runs one task at a time, so
   the owner is suspended in a checkpoint or in its FD wait, and because the sender re-reads
   EVENTS after its send and wakes a sleeping owner if zmq has a message for it: that send may
   have consumed the very edge the owner sleeps on. Otherwise -> outbound channel -> owner sends
