@@ -7,6 +7,7 @@ can be interrupted or killed at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import shutil
@@ -19,6 +20,8 @@ import trio
 
 from kallichore_trio.errors import KernelPathNotFound, ProcessStartFailed
 from kallichore_trio.models import NewSession, VarAction
+
+log = logging.getLogger(__name__)
 
 STARTUP_BEGIN = "KALLICHORE_STARTUP_BEGIN"
 STARTUP_SUCCESS = "KALLICHORE_STARTUP_SUCCESS"
@@ -133,8 +136,9 @@ async def spawn(command: Sequence[str], env: Mapping[str, str], cwd: str | None)
     )
 
 
-def signal_group(pid: int, sig: signal.Signals) -> bool:
-    """Send `sig` to the process group led by `pid`; False if it no longer exists."""
+def signal_group(pid: int, sig: int) -> bool:
+    """Send `sig` to the process group led by `pid`; False if it no longer exists or is not
+    ours to signal."""
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:
@@ -144,6 +148,11 @@ def signal_group(pid: int, sig: signal.Signals) -> bool:
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
+            return False
+        except PermissionError:
+            # Its id now belongs to another user's process: nothing of ours is left to signal,
+            # and the caller (an interrupt, or the cleanup after an exit) must not fail on it.
+            log.warning("process %d is not ours to signal (%s); not signalled", pid, sig)
             return False
     return True
 
