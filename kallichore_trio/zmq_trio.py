@@ -20,10 +20,10 @@ talks to it through two bounded Trio memory channels, with one exception for sen
 * ``await sock.send(frames)`` / ``sock.send_nowait(frames)``: if nothing is queued, the calling
   task hands the message to zmq itself, and only if zmq refuses it (Again) does it queue (a
   request's hop to the owner is on the round trip's critical path). This is safe because Trio
-  runs one task at a time, so
-  the owner is suspended in a checkpoint or in its FD wait, and because the sender re-reads
-  EVENTS after its send and wakes a sleeping owner if zmq has a message for it: that send may
-  have consumed the very edge the owner sleeps on. Otherwise -> outbound channel -> owner sends
+  runs one task at a time, so the owner is suspended in a checkpoint or in its FD wait, and
+  because the sender re-reads EVENTS after its send and wakes a sleeping owner if zmq has a
+  message for it: that send may have consumed the very edge the owner sleeps on. Otherwise ->
+  outbound channel -> owner sends
   with ``NOBLOCK``; on ``zmq.Again`` it keeps the message (and the frame it stopped at) and
   retries when EVENTS reports POLLOUT. A full outbound channel is backpressure on the producers.
 * owner ``recv_multipart(NOBLOCK)`` -> inbound channel -> ``await sock.receive()`` /
@@ -89,6 +89,19 @@ class SocketStatistics:
     pending_outbound: int  # accepted by send() but not yet handed to zmq
     pending_inbound: int  # taken from zmq but not yet receive()d
     missed_wakeups: int  # safety-timeout ticks that found work (a lost FD edge)
+
+
+def _send_from(zsock: zmq.Socket[Any], msg: Frames, pos: int) -> int:
+    """Send the frames of `msg` from `pos` on, without blocking; return how far zmq took
+    them (len(msg) once all of it is sent, less where zmq said Again)."""
+    last = len(msg) - 1
+    try:
+        while pos <= last:
+            zsock.send(msg[pos], _NOBLOCK | (_SNDMORE if pos < last else 0))
+            pos += 1
+    except zmq.Again:
+        pass
+    return pos
 
 
 def _recv_message(zsock: zmq.Socket[Any]) -> Frames:
@@ -231,19 +244,15 @@ class TrioSocket:
         finishes it)."""
         if self._held_out is not None or self._out_queued():
             return False
-        zsock = self.zmq_socket
-        last = len(msg) - 1
-        for pos, frame in enumerate(msg):
-            try:
-                zsock.send(frame, _NOBLOCK | (_SNDMORE if pos < last else 0))
-            except zmq.Again:
-                if pos == 0:
-                    return False
-                # libzmq accepts the rest of a multipart message once it took the first
-                # frame; should it not, the owner resumes where this stopped.
-                self._held_out, self._out_pos = msg, pos
-                self._wake()
-                return True
+        pos = _send_from(self.zmq_socket, msg, 0)
+        if pos == 0:
+            return False
+        if pos < len(msg):
+            # libzmq accepts the rest of a multipart message once it took the first frame;
+            # should it not, the owner resumes where this stopped.
+            self._held_out, self._out_pos = msg, pos
+            self._wake()
+            return True
         self._sent += 1
         if self._wait_scope is not None and self._events() & _POLLIN:
             self._wake()
@@ -308,7 +317,6 @@ class TrioSocket:
     def _flush(self) -> bool:
         """Move messages outbound channel -> zmq while EVENTS says POLLOUT."""
         progressed = False
-        zsock = self.zmq_socket
         while True:
             if self._held_out is None:
                 try:
@@ -318,13 +326,9 @@ class TrioSocket:
                 self._out_pos = 0
             if self._out_pos == 0 and not self._events() & _POLLOUT:
                 return progressed
-            frames, last = self._held_out, len(self._held_out) - 1
-            try:
-                while self._out_pos <= last:
-                    more = _SNDMORE if self._out_pos < last else 0
-                    zsock.send(frames[self._out_pos], _NOBLOCK | more)
-                    self._out_pos += 1
-            except zmq.Again:  # resume at _out_pos, so even a mid-message Again is safe
+            self._out_pos = _send_from(self.zmq_socket, self._held_out, self._out_pos)
+            if self._out_pos < len(self._held_out):
+                # Again: resume at _out_pos, so even a mid-message Again is safe
                 self._send_again = True
                 return progressed
             self._held_out = None

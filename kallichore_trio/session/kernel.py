@@ -276,7 +276,7 @@ class Kernel:
                 session=self.session.session_id,
                 username=self.session.model.username,
                 version=self.session.protocol_version,
-                date=_now(),
+                date=wire.now_date(),
                 signer=self._signer,
                 identity=None,
             )
@@ -508,7 +508,7 @@ class Kernel:
             session=self.session.session_id,
             username=self.session.model.username,
             version=self.session.protocol_version,
-            date=_now(),
+            date=wire.now_date(),
             signer=self._signer,
             identity=self._identity if channel in ("shell", "stdin") else None,
             **fields,
@@ -587,7 +587,3 @@ class Kernel:
                 os.unlink(self.plan.connection_file)
             except OSError:
                 pass
-
-
-def _now() -> str:
-    return wire.now_date()
