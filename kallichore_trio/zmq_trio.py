@@ -365,12 +365,17 @@ class TrioSocket:
                 while not self._closed:
                     self._recv_again = self._send_again = False
                     progressed = self._drain() | self._flush()  # both, every round
-                    if progressed or self._ready():
+                    ready = self._ready()
+                    if progressed or ready:
                         if timed_out:
                             self._missed += 1
                         timed_out = False
-                        await trio.lowlevel.checkpoint()
+                    if ready:
+                        await trio.lowlevel.checkpoint()  # more to do, but others go first
                     else:
+                        # Straight to sleep after progress too: EVENTS was just read, and the
+                        # FD wait is a checkpoint (an extra yield here would cost a task step
+                        # per message and delay the consumer's wake-up by a scheduler round).
                         timed_out = await self._wait()
         except trio.ClosedResourceError:
             if not self._closed:  # notify_closing by someone else? not ours to hide
@@ -541,6 +546,7 @@ class Subscription:
         """Wait for messages; return those already queued (1 to `limit`), oldest first.
         Raises trio.ClosedResourceError once the subscription is closed."""
         zsock = self.zmq_socket
+        slept = False
         while True:
             if self._closed:
                 raise trio.ClosedResourceError(f"{self!r} is closed")
@@ -554,13 +560,18 @@ class Subscription:
                     spurious = not batch
                 if batch:
                     self._received += len(batch)
-                    await trio.lowlevel.checkpoint()
+                    if not slept:
+                        # Messages were waiting: yield once, so a flood cannot starve the
+                        # other tasks. After a sleep on the FD this call has checkpointed
+                        # already, and a second yield would only delay the relay.
+                        await trio.lowlevel.checkpoint()
                     return batch
             # Nothing to read: sleep on the FD. After a spurious POLLIN, EVENTS would say
             # POLLIN again, so sleep without re-reading it (the tick bounds any missed edge).
             if spurious or not zsock.getsockopt(_EVENTS) & _POLLIN:
                 with trio.move_on_after(self._tick):
                     await trio.lowlevel.wait_readable(self._fd)
+            slept = True
 
     def close(self) -> None:
         """Close now; a task in receive_batch gets ClosedResourceError. Idempotent."""

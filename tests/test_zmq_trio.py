@@ -483,6 +483,43 @@ async def test_subscription_receives_every_message_in_order_in_batches(
             assert max(sizes) <= 100 and len(sizes) < N  # batched, and within the limit
 
 
+async def test_a_subscription_with_messages_waiting_still_lets_others_run(
+    ctx: zmq.Context[Any],
+) -> None:
+    """receive_batch skips its yield after a sleep on the FD (a latency saving); when messages
+    are already waiting it must still yield, or a flood would starve every other task."""
+    with trio.fail_after(60):
+        async with (
+            open_socket(ctx, zmq.PUB, bind=LOCAL, sndhwm=0, name="pub") as pub,
+            open_subscription(ctx, pub.last_endpoint, rcvhwm=0, name="sub", tick=5) as sub,
+        ):
+            await wait_until_joined(pub, sub.receive_batch)
+            for i in range(500):
+                await pub.send([b"data", b"%d" % i])
+            await trio.sleep(0.5)  # all 500 are in the SUB's queue before we read
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    ticks += 1
+                    await trio.lowlevel.checkpoint()
+
+            received = 0
+            batches = 0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticker)
+                await trio.lowlevel.checkpoint()  # the ticker has started
+                before = ticks
+                while received < 500:
+                    received += len(await sub.receive_batch(limit=10))
+                    batches += 1
+                during = ticks - before
+                nursery.cancel_scope.cancel()
+            assert batches >= 50
+            assert during >= batches - 2  # about one tick per batch: the reader yielded
+
+
 async def test_closing_a_subscription_wakes_its_reader(ctx: zmq.Context[Any]) -> None:
     async with open_subscription(ctx, "tcp://127.0.0.1:9", name="sub") as sub:  # no publisher
         outcome: list[str] = []
