@@ -156,7 +156,15 @@ class WsprotoConnection:
             await self._shut_stream()
 
     async def _send(self, *events: TextMessage | Ping | Pong | CloseConnection) -> None:
-        async with self._send_lock:
+        """Write `events` as one socket write. A checkpoint only when it has to wait (for the
+        lock or for room in the socket buffer): the relay's writer sends a batch per wake-up,
+        and trio's lock and send_all would each add a yield, a task step per write."""
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             if self._broken or self._closed:
                 raise ClientGone("the WebSocket connection is closed")
             try:
@@ -165,8 +173,10 @@ class WsprotoConnection:
                 # wsproto refuses data once a Close has been sent or received.
                 raise ClientGone(f"the WebSocket connection is closing: {exc}") from exc
             try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                sent = self._write_now(data)
+                if sent < len(data):
+                    await self._stream.send_all(memoryview(data)[sent:])
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._broken = True
                 raise ClientGone(f"the WebSocket peer has gone: {exc!r}") from exc
             except BaseException:
@@ -174,6 +184,20 @@ class WsprotoConnection:
                 # half a frame, so it can carry nothing else. Re-raise; close() will drop it.
                 self._broken = True
                 raise
+        finally:
+            lock.release()
+
+    def _write_now(self, data: bytes) -> int:
+        """As much of `data` as the socket takes without blocking (0 for a stream that is not
+        a socket). Trio keeps its sockets non-blocking, and Python ignores SIGPIPE, so a gone
+        peer is an OSError here, not a signal."""
+        sock = getattr(self._stream, "socket", None)
+        if sock is None:
+            return 0
+        try:
+            return os.write(sock.fileno(), data)
+        except BlockingIOError:
+            return 0
 
     async def receive_text(self) -> str | None:
         while not self._remote_done:

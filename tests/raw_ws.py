@@ -35,6 +35,10 @@ class RawWebSocket:
             assert data, "server closed the connection during the handshake"
             self.ws.receive_data(data)
             for event in self.ws.events():
+                if self.accepted is not None:
+                    # The server's first frames may share a read with its handshake answer.
+                    await self._handle(event)
+                    continue
                 if not isinstance(event, AcceptConnection):
                     raise AssertionError(f"handshake failed: {event!r}")
                 self.accepted = event
@@ -53,16 +57,19 @@ class RawWebSocket:
             return False
         self.ws.receive_data(data)
         for event in self.ws.events():
-            if isinstance(event, TextMessage):
-                self._parts.append(event.data)
-                if event.message_finished:
-                    self.pending.append("".join(self._parts))
-                    self._parts = []
-            elif isinstance(event, Ping):
-                self.pings.append(bytes(event.payload))
-                if self.answer_pings:
-                    await self.stream.send_all(self.ws.send(event.response()))
+            await self._handle(event)
         return True
+
+    async def _handle(self, event: Any) -> None:
+        if isinstance(event, TextMessage):
+            self._parts.append(event.data)
+            if event.message_finished:
+                self.pending.append("".join(self._parts))
+                self._parts = []
+        elif isinstance(event, Ping):
+            self.pings.append(bytes(event.payload))
+            if self.answer_pings:
+                await self.stream.send_all(self.ws.send(event.response()))
 
     async def receive_text(self) -> str:
         while not self.pending:

@@ -527,6 +527,34 @@ async def test_send_handshake_timeout(monkeypatch: pytest.MonkeyPatch, sock_dir:
         await send_handshake(sock_dir / "x.sock", {}, timeout=0.05)
 
 
+async def test_send_to_a_vanished_peer_raises_client_gone(sock_dir: Path) -> None:
+    """Writes go to the socket directly when it has room; the OS error of a peer that has
+    gone (EPIPE, ECONNRESET) must come out as ClientGone like trio's own errors do."""
+    outcome: list[str] = []
+    peer_closed = trio.Event()
+    done = trio.Event()
+
+    async def writer(conn: ClientConnection) -> None:
+        await peer_closed.wait()
+        try:
+            for _ in range(1000):
+                await conn.send_text("x" * 1000)
+                await trio.sleep(0.001)
+            outcome.append("never noticed")
+        except ClientGone:
+            outcome.append("gone")
+        done.set()
+
+    path = sock_dir / "s.sock"
+    async with serving(path, writer):
+        client = await Client.upgrade(path)
+        await client.aclose()
+        peer_closed.set()
+        with trio.fail_after(10):
+            await done.wait()
+        assert outcome == ["gone"]
+
+
 async def test_send_cancelled_mid_frame_marks_connection_gone(sock_dir: Path) -> None:
     outcome: list[str] = []
     done = trio.Event()
