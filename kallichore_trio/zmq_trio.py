@@ -571,7 +571,7 @@ class Subscription:
             if spurious or not zsock.getsockopt(_EVENTS) & _POLLIN:
                 with trio.move_on_after(self._tick):
                     await trio.lowlevel.wait_readable(self._fd)
-            slept = True
+                slept = True
 
     def close(self) -> None:
         """Close now; a task in receive_batch gets ClosedResourceError. Idempotent."""
