@@ -68,6 +68,17 @@ class OutboxLimits:
 
 
 @attrs.frozen(kw_only=True)
+class AllocatorTrim:
+    """When memory freed after a burst of output is handed back to the OS (memory.py)."""
+
+    #: Seconds between looks at the outboxes; a look that finds under a tenth of
+    #: `burst_frames` new frames ends a burst.
+    check_every: float = 5.0
+    #: Frames produced since the last trim that make a burst worth trimming after.
+    burst_frames: int = 5_000
+
+
+@attrs.frozen(kw_only=True)
 class Config:
     transport: Transport = "tcp"
     host: str = "127.0.0.1"
@@ -90,6 +101,7 @@ class Config:
     server_id: str = attrs.field(factory=new_server_id)
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     outbox: OutboxLimits = attrs.field(factory=OutboxLimits)
+    allocator_trim: AllocatorTrim = attrs.field(factory=AllocatorTrim)
     #: Seconds the client writer holds frames that are only stream output, so that a burst of
     #: small outputs goes out in one socket write rather than one write each (a loopback write
     #: costs more CPU than relaying the message). Anything else pending is written at once.

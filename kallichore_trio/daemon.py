@@ -4,6 +4,7 @@
      ├─ hypercorn serve (the Quart-Trio app)
      ├─ registry nursery: one task per session (see session/session.py)
      ├─ idle-shutdown watchdog
+     ├─ resource sampler, allocator trimmer (memory.py)
      └─ signal watcher (SIGINT/SIGTERM -> graceful shutdown)
 
 Shutdown, whatever asked for it: every kernel gets a shutdown_request, then SIGTERM, then
@@ -31,6 +32,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 from kallichore_trio.api import create_app, hypercorn_ext
 from kallichore_trio.config import Config
 from kallichore_trio.errors import ConfigurationError
+from kallichore_trio.memory import load_malloc_trim, trim_after_bursts
 from kallichore_trio.models import ServerConfiguration
 from kallichore_trio.registry import SessionRegistry
 from kallichore_trio.session.resources import ProcessTreeSampler
@@ -173,6 +175,14 @@ class Daemon:
             for pid in set(samplers) - live:
                 del samplers[pid]
 
+    async def trim_memory(self) -> None:
+        settings = self.config.allocator_trim
+        await trim_after_bursts(self._frames_produced, check_every=settings.check_every,
+                                burst_frames=settings.burst_frames, trim=load_malloc_trim())
+
+    def _frames_produced(self) -> dict[str, int]:
+        return {key: session.outbox.produced for key, session in self.registry.sessions.items()}
+
     async def watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
@@ -185,6 +195,7 @@ async def _run_watchers(daemon: Daemon, scope: trio.CancelScope) -> None:
             nursery.start_soon(daemon.watch_signals)
             nursery.start_soon(daemon.idle_watchdog)
             nursery.start_soon(daemon.resource_sampler)
+            nursery.start_soon(daemon.trim_memory)
 
 
 def _bind_socket(config: Config) -> tuple[socket.socket, ServerAddress, Path | None]:

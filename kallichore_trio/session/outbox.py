@@ -91,6 +91,11 @@ class Outbox:
             self._bytes -= len(text)
 
     @property
+    def produced(self) -> int:
+        """How many frames were ever appended (the next sequence number)."""
+        return self._next_seq
+
+    @property
     def only_droppable(self) -> bool:
         """Every pending frame is droppable output (no status, reply or event among them)."""
         return len(self._droppable) == len(self._frames)
