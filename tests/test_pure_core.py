@@ -148,12 +148,27 @@ def test_a_read_stops_at_the_byte_budget_but_always_returns_one_frame() -> None:
     assert [seq for seq, _ in outbox.read(limit=2, max_bytes=10_000).frames] == [0, 1]
 
 
-def test_only_droppable_says_whether_anything_but_output_is_pending() -> None:
+def test_can_wait_unless_an_urgent_frame_is_pending() -> None:
     outbox = Outbox(max_frames=10, max_bytes=10_000)
-    assert outbox.only_droppable  # nothing pending
+    assert outbox.can_wait  # nothing pending
     outbox.append("stream", droppable=True)
-    assert outbox.only_droppable
+    assert outbox.can_wait
     status = outbox.append("status")
-    assert not outbox.only_droppable
+    assert not outbox.can_wait
     outbox.ack(status)
-    assert outbox.only_droppable
+    assert outbox.can_wait
+    outbox.append("stream", droppable=True)
+    assert outbox.can_wait
+
+
+@pytest.mark.parametrize(
+    ("droppable", "urgent", "can_wait"),
+    [(True, None, True), (False, None, False), (True, True, False), (False, False, True)],
+)
+def test_urgency_defaults_to_not_droppable_and_can_be_chosen(
+    droppable: bool, urgent: bool | None, can_wait: bool
+) -> None:
+    outbox = Outbox(max_frames=10, max_bytes=10_000)
+    outbox.append("stream", droppable=True)
+    outbox.append("frame", droppable=droppable, urgent=urgent)
+    assert outbox.can_wait is can_wait

@@ -49,6 +49,7 @@ class Outbox:
         self._dropped_essential = 0
         self._reported_drops = 0
         self._peak = 0
+        self._last_urgent = -1  # seq of the newest frame that must not wait for company
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -59,14 +60,17 @@ class Outbox:
             f"dropped={self._dropped}>"
         )
 
-    def append(self, text: str, *, droppable: bool = False) -> int:
-        """Add a frame; return its sequence number."""
+    def append(self, text: str, *, droppable: bool = False, urgent: bool | None = None) -> int:
+        """Add a frame; return its sequence number. An urgent frame is to be written at once
+        (see `can_wait`); by default every frame but droppable output is urgent."""
         seq = self._next_seq
         self._next_seq += 1
         self._frames[seq] = text
         self._bytes += len(text)
         if droppable:
             self._droppable.append(seq)
+        if (not droppable) if urgent is None else urgent:
+            self._last_urgent = seq
         if len(self._frames) > self.max_frames or self._bytes > self.max_bytes:
             self._shed()
         self._peak = max(self._peak, len(self._frames))
@@ -96,9 +100,10 @@ class Outbox:
         return self._next_seq
 
     @property
-    def only_droppable(self) -> bool:
-        """Every pending frame is droppable output (no status, reply or event among them)."""
-        return len(self._droppable) == len(self._frames)
+    def can_wait(self) -> bool:
+        """No pending frame is urgent: what is pending may wait for more output to join it
+        in one write (Config.output_linger)."""
+        return not self._frames or self._last_urgent < next(iter(self._frames))
 
     def read(self, limit: int = 256, max_bytes: int = 256 * 1024) -> Batch:
         """The oldest unacknowledged frames, up to `limit` of them and about `max_bytes` (at

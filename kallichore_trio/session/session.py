@@ -176,9 +176,11 @@ class KernelSession:
 
     # ---- frames to the client ------------------------------------------------------------
 
-    def emit(self, text: str, *, droppable: bool = False) -> None:
-        self.outbox.append(text, droppable=droppable)
-        if not droppable and self._linger is not None:
+    def emit(self, text: str, *, droppable: bool = False, urgent: bool | None = None) -> None:
+        """Queue a frame for the client. Urgent frames (by default all but droppable output)
+        are written at once; the others may wait for company (Config.output_linger)."""
+        self.outbox.append(text, droppable=droppable, urgent=urgent)
+        if self._linger is not None and not self.outbox.can_wait:
             self._linger.cancel()  # a status or reply: write what is pending now
         self._changed.set()
 
@@ -267,7 +269,9 @@ class KernelSession:
 
     def on_resource_usage(self, usage: ResourceUsage) -> None:
         self.resource_usage = usage
-        self.emit(wire.resource_usage_event(dump(usage)), droppable=True)
+        # Droppable (a newer sample supersedes it) but urgent: it comes alone, once a period,
+        # so holding it back for company would only cost the writer a second wake-up.
+        self.emit(wire.resource_usage_event(dump(usage)), droppable=True, urgent=True)
 
     def on_handshake(self, info: ConnectionInfo) -> None:
         self.connection = info
@@ -554,7 +558,7 @@ class KernelSession:
                 self._changed = trio.Event()
                 await self._changed.wait()
                 continue
-            if self.outbox.only_droppable and len(batch.frames) < _LINGER_UNTIL_FRAMES:
+            if self.outbox.can_wait and len(batch.frames) < _LINGER_UNTIL_FRAMES:
                 # Only output so far: let more join it (see Config.output_linger).
                 with trio.move_on_after(self.config.output_linger) as self._linger:
                     await trio.sleep_forever()
