@@ -15,7 +15,6 @@ message path) and trims once output has died down after a burst. Where there is 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -31,11 +30,9 @@ Trim = Callable[[], object]
 
 def load_malloc_trim() -> Trim | None:
     """glibc's `malloc_trim(0)` as a callable, or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
     try:
-        function = ctypes.CDLL(name).malloc_trim
+        # The symbols already loaded into the process, libc's among them (no ldconfig run).
+        function = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     function.argtypes = [ctypes.c_size_t]
