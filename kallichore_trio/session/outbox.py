@@ -10,6 +10,11 @@ output, process output, resource samples: things that are superseded or repeated
 events, replies and every other frame are kept until twice the bounds, and only past that hard
 limit is the oldest of them dropped too. Every drop is counted; a reader is told how many
 frames it missed since its last read so it can report the gap.
+
+Urgency is separate from droppability: an urgent frame is to be written at once, the others
+may wait a moment for more output to share their write. By default every frame but droppable
+output is urgent; a resource sample is droppable and urgent. `can_wait` says no urgent frame
+is pending.
 """
 
 from __future__ import annotations
