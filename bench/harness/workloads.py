@@ -139,8 +139,10 @@ class Bench:
         per_round = max(1, self.p.rtt_runs // self.p.rounds)
         targets = {t.name: t for t in self.targets}
         cpu: dict[str, list[float]] = {name: [] for name in sessions}
-        for _ in range(self.p.rounds):
-            for name, s in sessions.items():
+        for r in range(self.p.rounds):
+            # Alternate the order, so that no target always runs right after the same other.
+            order = list(sessions.items())
+            for name, s in order if r % 2 == 0 else order[::-1]:
                 if name in failed:
                     continue
                 pid = targets[name].server_pid()
