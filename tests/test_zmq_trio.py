@@ -538,3 +538,41 @@ async def test_closing_a_subscription_wakes_its_reader(ctx: zmq.Context[Any]) ->
         assert outcome == ["closed"]
         with pytest.raises(trio.ClosedResourceError):
             await sub.receive_batch()
+
+
+async def test_a_drained_subscription_wakes_for_every_trickled_message(
+    ctx: zmq.Context[Any],
+) -> None:
+    """One message at a time, published either while the reader sleeps on the FD or between
+    two of its calls (the last of which ended on a recv that found nothing). With the safety
+    tick at 60 s, a lost FD edge would show as a missed deadline, not as a delay. (Sleeping
+    right after that recv, without reading EVENTS, passes too; it saved 4 poll() calls per
+    round trip but no time, so it was not kept. Reading EVENTS before such a sleep and
+    ignoring it fails here.)"""
+    async with (
+        open_socket(ctx, zmq.PUB, bind=LOCAL, sndhwm=0, name="pub") as pub,
+        open_subscription(ctx, pub.last_endpoint, rcvhwm=0, name="sub", tick=60) as sub,
+    ):
+        await wait_until_joined(pub, sub.receive_batch)
+        await trio.sleep(0.05)
+        with trio.move_on_after(0.2):  # the late probes
+            while True:
+                await sub.receive_batch()
+        for i in range(100):
+            message = [b"m", b"%d" % i]
+            with trio.fail_after(5):
+                if i % 2:
+                    await pub.send(message)
+                    await trio.sleep(0.005)  # libzmq has it before the reader's next call
+                    got = await sub.receive_batch()
+                else:
+                    got = []
+
+                    async def reader(got: list[list[bytes]] = got) -> None:
+                        got += await sub.receive_batch()
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(reader)
+                        await trio.testing.wait_all_tasks_blocked()
+                        await pub.send(message)
+            assert got == [message]
