@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lines", type=int, help="lines printed in the flushed-output cell")
     p.add_argument("--rtt-runs", type=int, help="measured execute round trips per target")
     p.add_argument("--rounds", type=int, help="interleaved rounds per measurement")
+    p.add_argument("--output-rounds", type=int,
+                   help="rounds of the flushed-output cell (default 7, quick 1)")
     p.add_argument("--js-protocol", choices=("v1", "legacy"), default="v1",
                    help="Jupyter Server WebSocket protocol (v1 is JupyterLab 4's)")
     p.add_argument("--interrupt-mode", choices=("signal", "message"), default="signal",
@@ -63,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_params(a: argparse.Namespace) -> Params:
     p = Params.quick() if a.quick else Params()
-    for field in ("idle_seconds", "concurrent", "flood_messages", "lines", "rtt_runs", "rounds"):
+    for field in ("idle_seconds", "concurrent", "flood_messages", "lines", "rtt_runs", "rounds",
+                  "output_rounds"):
         if getattr(a, field) is not None:
             setattr(p, field, getattr(a, field))
     return p
