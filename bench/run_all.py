@@ -49,7 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flood-messages", type=int, help="stream messages per flood")
     p.add_argument("--lines", type=int, help="lines printed in the flushed-output cell")
     p.add_argument("--rtt-runs", type=int, help="measured execute round trips per target")
-    p.add_argument("--rounds", type=int, help="interleaved rounds per measurement")
+    p.add_argument("--rounds", type=int, help="interleaved rounds of the relay floods")
+    p.add_argument("--rtt-rounds", type=int,
+                   help="rounds the round trips are cut into (default 10, quick 2)")
     p.add_argument("--output-rounds", type=int,
                    help="rounds of the flushed-output cell (default 7, quick 1)")
     p.add_argument("--js-protocol", choices=("v1", "legacy"), default="v1",
@@ -66,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_params(a: argparse.Namespace) -> Params:
     p = Params.quick() if a.quick else Params()
     for field in ("idle_seconds", "concurrent", "flood_messages", "lines", "rtt_runs", "rounds",
-                  "output_rounds"):
+                  "rtt_rounds", "output_rounds"):
         if getattr(a, field) is not None:
             setattr(p, field, getattr(a, field))
     return p
