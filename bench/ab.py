@@ -3,6 +3,8 @@
     git worktree add /tmp/kt-base <commit>
     .venv/bin/python bench/ab.py /tmp/kt-base .            # ipykernel, 10 rounds of 30
     .venv/bin/python bench/ab.py /tmp/kt-base . --kind flood --per-round 100
+    .venv/bin/python bench/ab.py /tmp/kt-base . --per-round 1 --warmup 2 \
+        --code "for i in range(3000): print(i, flush=True)"   # flushed output
 
 Each argument is a source tree whose `kallichore_trio` package is run (through PYTHONPATH, which
 wins over the editable install). One kernel per target, all alive at once; each round runs
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,12 +41,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--per-round", type=int, default=30)
     p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--code", default="1+1", help="the cell each round trip runs")
     return p.parse_args()
 
 
 def daemon(tree: Path, log_dir: Path) -> KallichoreTarget:
     src = str(tree.resolve())
-    return KallichoreTarget(["env", f"PYTHONPATH={src}", sys.executable, "-m", "kallichore_trio"],
+    where = subprocess.run(
+        ["env", f"PYTHONPATH={src}", sys.executable, "-P", "-c",
+         "import kallichore_trio; print(kallichore_trio.__file__)"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    if not where.startswith(src + "/"):
+        sys.exit(f"{tree}: kallichore_trio resolves to {where}, not to this tree")
+    # -P: without it `-m` puts the working directory first on sys.path, ahead of PYTHONPATH,
+    # and a run started in a checkout would test that checkout twice.
+    return KallichoreTarget(["env", f"PYTHONPATH={src}", sys.executable, "-P", "-m",
+                             "kallichore_trio"],
                             log_dir)  # fmt: skip
 
 
@@ -60,7 +74,7 @@ async def measure(a: argparse.Namespace, log_dir: Path) -> None:
             sessions[name] = await target.open_session(a.kind)
         for s in sessions.values():
             for _ in range(a.warmup):
-                await s.execute("1+1", timeout=30)
+                await s.execute(a.code, timeout=120)
         times: dict[str, list[float]] = {name: [] for name in sessions}
         medians: dict[str, list[float]] = {name: [] for name in sessions}
         cpu = dict.fromkeys(sessions, 0.0)
@@ -71,7 +85,7 @@ async def measure(a: argparse.Namespace, log_dir: Path) -> None:
                 this_round = []
                 for _ in range(a.per_round):
                     t0 = time.perf_counter()
-                    await sessions[name].execute("1+1", timeout=30)
+                    await sessions[name].execute(a.code, timeout=120)
                     this_round.append(time.perf_counter() - t0)
                 if pid:
                     cpu[name] += procs.cpu_seconds(pid) - cpu0
@@ -85,7 +99,7 @@ async def measure(a: argparse.Namespace, log_dir: Path) -> None:
     n = a.rounds * a.per_round
     med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
     agree = sum(new < base for new, base in zip(medians["new"], medians["base"], strict=True))
-    print(f"{a.kind}, {a.rounds} rounds of {a.per_round}: median raw {med['raw']:.3f} ms, "
+    print(f"{a.kind}, {a.code!r}, {a.rounds} rounds of {a.per_round}: median raw {med['raw']:.3f} ms, "
           f"base {med['base']:.3f} ms, new {med['new']:.3f} ms")
     print(f"  base/raw {med['base'] / med['raw']:.3f}  new/raw {med['new'] / med['raw']:.3f}  "
           f"new/base {med['new'] / med['base']:.3f}  rounds new<base {agree}/{a.rounds}")
