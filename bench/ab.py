@@ -99,8 +99,8 @@ async def measure(a: argparse.Namespace, log_dir: Path) -> None:
     n = a.rounds * a.per_round
     med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
     agree = sum(new < base for new, base in zip(medians["new"], medians["base"], strict=True))
-    print(f"{a.kind}, {a.code!r}, {a.rounds} rounds of {a.per_round}: median raw {med['raw']:.3f} ms, "
-          f"base {med['base']:.3f} ms, new {med['new']:.3f} ms")
+    print(f"{a.kind}, {a.code!r}, {a.rounds} rounds of {a.per_round}: "
+          f"median raw {med['raw']:.3f} ms, base {med['base']:.3f} ms, new {med['new']:.3f} ms")
     print(f"  base/raw {med['base'] / med['raw']:.3f}  new/raw {med['new'] / med['raw']:.3f}  "
           f"new/base {med['new'] / med['base']:.3f}  rounds new<base {agree}/{a.rounds}")
     print(f"  daemon CPU per round trip: base {cpu['base'] / n * 1e6:.0f} us, "
