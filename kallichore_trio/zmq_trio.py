@@ -551,13 +551,12 @@ class Subscription:
             if self._closed:
                 raise trio.ClosedResourceError(f"{self!r} is closed")
             batch: list[Frames] = []
-            spurious = False
             if zsock.getsockopt(_EVENTS) & _POLLIN:
                 try:
                     while len(batch) < limit:
                         batch.append(_recv_message(zsock))
                 except zmq.Again:
-                    spurious = not batch
+                    pass
                 if batch:
                     self._received += len(batch)
                     if not slept:
@@ -566,12 +565,13 @@ class Subscription:
                         # already, and a second yield would only delay the relay.
                         await trio.lowlevel.checkpoint()
                     return batch
-            # Nothing to read: sleep on the FD. After a spurious POLLIN, EVENTS would say
-            # POLLIN again, so sleep without re-reading it (the tick bounds any missed edge).
-            if spurious or not zsock.getsockopt(_EVENTS) & _POLLIN:
-                with trio.move_on_after(self._tick):
-                    await trio.lowlevel.wait_readable(self._fd)
-                slept = True
+            # Nothing to read: sleep on the FD. EVENTS was read just now, with no checkpoint
+            # since, so a message arriving from here on sets the FD. After a spurious POLLIN
+            # (recv said Again at once) EVENTS would say POLLIN again: sleep anyway, and the
+            # tick bounds any edge that recv consumed.
+            with trio.move_on_after(self._tick):
+                await trio.lowlevel.wait_readable(self._fd)
+            slept = True
 
     def close(self) -> None:
         """Close now; a task in receive_batch gets ClosedResourceError. Idempotent."""
