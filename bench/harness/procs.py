@@ -100,5 +100,16 @@ def cpu_seconds(pid: int) -> float:
     return float(t.user + t.system)
 
 
+def ipykernel_child(parent: int | None) -> int | None:
+    """The pid of the one ipykernel that `parent` (this process when None: the raw floor's
+    kernels are ours) started, or None if there is not exactly one."""
+    try:
+        children = psutil.Process(parent or os.getpid()).children()
+        found = [c.pid for c in children if "ipykernel_launcher" in " ".join(c.cmdline())]
+    except psutil.Error:
+        return None
+    return found[0] if len(found) == 1 else None
+
+
 def rss_bytes(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)

@@ -73,6 +73,7 @@ ROWS = [
         ">=0.95x raw", _ratio_min(RAW, 0.95)),
     Row("output_in_order", "flushed output: all lines, in order", "{}", "yes", _true),
     Row("output_cpu_us_per_msg", "server CPU per flushed msg (us)", "{:.1f}"),
+    Row("output_kernel_cpu_us_per_msg", "kernel CPU per flushed msg (us)", "{:.1f}"),
     Row("floor_rtt_median_ms", "RTT, kernel that answers at once (ms)", "{:.2f}"),
     Row("floor_rtt_server_cpu_us", "server CPU per such round trip (us)", "{:.0f}"),
     Row("relay_msgs_per_s", "relay ceiling (msg/s, higher better)", "{:,.0f}",

@@ -198,6 +198,7 @@ class Bench:
         ordered: dict[str, bool] = dict.fromkeys(sessions, True)
         msgs: dict[str, list[int]] = {name: [] for name in sessions}
         cpu: dict[str, list[float]] = {name: [] for name in sessions}
+        kernel_cpu: dict[str, list[float]] = {name: [] for name in sessions}
         targets = {t.name: t for t in self.targets}
         for name, s in sessions.items():  # warm-up: the first big cell of a kernel is slower
             try:
@@ -207,12 +208,15 @@ class Bench:
         for r in range(self.p.output_rounds):
             for name, s in in_turn(sessions, r):
                 pid = targets[name].server_pid()
+                kernel = procs.ipykernel_child(pid)
                 try:
                     cpu0 = procs.cpu_seconds(pid) if pid else 0.0
+                    k0 = procs.cpu_seconds(kernel) if kernel else 0.0
                     t0 = time.perf_counter()
                     c = await s.execute(code, timeout=max(60.0, n / 100))
                     dt = time.perf_counter() - t0
                     cpu1 = procs.cpu_seconds(pid) if pid else 0.0
+                    k1 = procs.cpu_seconds(kernel) if kernel else 0.0
                 except BenchError as exc:
                     self.r.error(name, "output", exc)
                     ordered[name] = False
@@ -221,6 +225,8 @@ class Bench:
                 msgs[name].append(c.n_stream)
                 if pid:
                     cpu[name].append((cpu1 - cpu0) / max(1, c.n_stream) * 1e6)
+                if kernel:
+                    kernel_cpu[name].append((k1 - k0) / max(1, c.n_stream) * 1e6)
                 ordered[name] = ordered[name] and "".join(c.texts) == expected
         for name in sessions:
             if rates[name]:
@@ -228,9 +234,13 @@ class Bench:
                 self.r.put("output_in_order", name, ordered[name])
                 if cpu[name]:
                     self.r.put("output_cpu_us_per_msg", name, statistics.median(cpu[name]))
+                if kernel_cpu[name]:
+                    self.r.put("output_kernel_cpu_us_per_msg", name,
+                               statistics.median(kernel_cpu[name]))
                 self.r.detail("output", name, {"messages_per_run": msgs[name], "lines": n,
                                                "rates": rates[name],
-                                               "server_cpu_us": cpu[name]})  # fmt: skip
+                                               "server_cpu_us": cpu[name],
+                                               "kernel_cpu_us": kernel_cpu[name]})  # fmt: skip
 
     async def interrupt(self, sessions: dict[str, Session]) -> None:
         print(f"* interrupt latency: {self.p.interrupts} sleeping cells", flush=True)
