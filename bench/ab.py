@@ -10,8 +10,9 @@ Each argument is a source tree whose `kallichore_trio` package is run (through P
 wins over the editable install). One kernel per target, all alive at once; each round runs
 `per_round` round trips on every target, in alternating order, so drift and noisy neighbours hit
 all three alike. A change in the daemon shows as `new/base`; `rounds new<base` says how many
-rounds agree. An A/A run (the same tree twice) gave new/base 1.007 on 2 cores, which is the
-noise of a single run: repeat a run before trusting a difference of a few per cent.
+rounds agree. A/A runs (the same tree twice) gave new/base 0.95-1.05 on 2 cores, and the
+"new" slot itself can be 1-4 % slower: run it three times each way round (A B, then B A) and
+take sqrt(mean forward / mean swapped) as B's effect (docs/performance.md).
 """
 
 from __future__ import annotations
