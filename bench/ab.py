@@ -2,6 +2,7 @@
 
     git worktree add /tmp/kt-base <commit>
     .venv/bin/python bench/ab.py /tmp/kt-base .            # ipykernel, 10 rounds of 30
+    .venv/bin/python bench/ab.py /tmp/kt-base . --repeat 3 --both-ways --rounds 20
     .venv/bin/python bench/ab.py /tmp/kt-base . --kind flood --per-round 100
     .venv/bin/python bench/ab.py /tmp/kt-base . --per-round 1 --warmup 2 \
         --code "for i in range(3000): print(i, flush=True)"   # flushed output
@@ -11,8 +12,8 @@ wins over the editable install). One kernel per target, all alive at once; each 
 `per_round` round trips on every target, in alternating order, so drift and noisy neighbours hit
 all three alike. A change in the daemon shows as `new/base`; `rounds new<base` says how many
 rounds agree. A/A runs (the same tree twice) gave new/base 0.95-1.05 on 2 cores, and the
-"new" slot itself can be 1-4 % slower: run it three times each way round (A B, then B A) and
-take sqrt(mean forward / mean swapped) as B's effect (docs/performance.md).
+"new" slot itself can be 1-4 % slower: `--repeat 3 --both-ways` runs each way round three
+times and prints sqrt(mean forward / mean swapped), the effect with that bias cancelled.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--per-round", type=int, default=30)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--code", default="1+1", help="the cell each round trip runs")
+    p.add_argument("--repeat", type=int, default=1, help="runs (each a fresh set of daemons)")
+    p.add_argument("--both-ways", action="store_true",
+                   help="after each run, one with base and new swapped; print the effect with "
+                        "the slot's bias cancelled")
     return p.parse_args()
 
 
@@ -62,11 +67,14 @@ def daemon(tree: Path, log_dir: Path) -> KallichoreTarget:
                             log_dir)  # fmt: skip
 
 
-async def measure(a: argparse.Namespace, log_dir: Path) -> None:
+async def measure(
+    a: argparse.Namespace, base: Path, new: Path, log_dir: Path
+) -> tuple[float, float]:
+    """One run; returns new/base of the median round trip and of the daemon CPU."""
     targets: dict[str, Target] = {
         "raw": RawTarget(),
-        "base": daemon(a.base, log_dir / "base"),
-        "new": daemon(a.new, log_dir / "new"),
+        "base": daemon(base, log_dir / "base"),
+        "new": daemon(new, log_dir / "new"),
     }
     sessions: dict[str, Session] = {}
     try:
@@ -106,6 +114,19 @@ async def measure(a: argparse.Namespace, log_dir: Path) -> None:
           f"new/base {med['new'] / med['base']:.3f}  rounds new<base {agree}/{a.rounds}")
     print(f"  daemon CPU per round trip: base {cpu['base'] / n * 1e6:.0f} us, "
           f"new {cpu['new'] / n * 1e6:.0f} us")  # fmt: skip
+    return med["new"] / med["base"], cpu["new"] / cpu["base"] if cpu["base"] else 1.0
+
+
+def summarize(forward: list[tuple[float, float]], swapped: list[tuple[float, float]]) -> None:
+    """The new tree's effect with the "new" slot's own bias cancelled: in a forward run
+    new/base = effect * bias, in a swapped one effect**-1 * bias."""
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values)
+
+    for what, i in (("round trip", 0), ("daemon CPU", 1)):
+        f, w = mean([r[i] for r in forward]), mean([r[i] for r in swapped])
+        print(f"{what}: forward {f:.3f}, swapped {w:.3f} -> effect of the new tree "
+              f"{(f / w) ** 0.5:.3f}, slot bias {(f * w) ** 0.5:.3f}")
 
 
 def main() -> int:
@@ -115,7 +136,15 @@ def main() -> int:
         prepare_environment(work, uuid.uuid4().hex)
         for sub in ("base", "new"):
             (work / "logs" / sub).mkdir(parents=True)
-        asyncio.run(measure(a, work / "logs"))
+        forward: list[tuple[float, float]] = []
+        swapped: list[tuple[float, float]] = []
+        for _ in range(a.repeat):
+            forward.append(asyncio.run(measure(a, a.base, a.new, work / "logs")))
+            if a.both_ways:
+                print("  (swapped: base and new trade places)")
+                swapped.append(asyncio.run(measure(a, a.new, a.base, work / "logs")))
+        if a.both_ways:
+            summarize(forward, swapped)
     return 0
 
 
