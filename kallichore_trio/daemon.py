@@ -36,6 +36,7 @@ from kallichore_trio.memory import load_malloc_trim, trim_after_bursts
 from kallichore_trio.models import ServerConfiguration
 from kallichore_trio.registry import SessionRegistry
 from kallichore_trio.session.resources import ProcessTreeSampler
+from kallichore_trio.timers import next_multiple
 from kallichore_trio.wsconn import main_socket_path, remove_stale_socket
 
 log = logging.getLogger(__name__)
@@ -160,7 +161,7 @@ class Daemon:
                 samplers.clear()
                 await self._sampler_wake.wait()
                 continue
-            with trio.move_on_after(interval / 1000):
+            with trio.move_on_at(next_multiple(interval / 1000)):
                 await self._sampler_wake.wait()
             live: set[int] = set()
             for session in list(self.registry.sessions.values()):

@@ -33,8 +33,9 @@ talks to it through two bounded Trio memory channels, with one exception for sen
 
 Producers (and consumers, when the owner is waiting for room) wake a sleeping owner by
 cancelling the cancel scope it sleeps in. The sleep also has a safety timeout (``tick``, 0.5 s),
-so a missed edge would cost a tick, never a hang; such recoveries are counted in
-``statistics().missed_wakeups`` (expected to stay 0).
+so a missed edge would cost at most 1.5 ticks, never a hang; such recoveries are counted in
+``statistics().missed_wakeups`` (expected to stay 0). The timeout falls on a multiple of the
+tick (`timers.next_multiple`), so that the ticks of all idle sockets cost one scheduler round.
 
 Lifetime and errors
 -------------------
@@ -64,6 +65,8 @@ from typing import Any
 import attrs
 import trio
 import zmq
+
+from kallichore_trio.timers import next_multiple
 
 __all__ = [
     "SocketStatistics",
@@ -347,7 +350,7 @@ class TrioSocket:
         """Sleep until the FD signals, a task wakes us, or the tick; True if the tick expired."""
         want_fd = self._held_in is None or self._held_out is not None
         self._woken = False
-        with trio.move_on_after(self._tick) as scope:
+        with trio.move_on_at(next_multiple(self._tick)) as scope:
             self._wait_scope = scope
             try:
                 if want_fd:
@@ -569,7 +572,7 @@ class Subscription:
             # since, so a message arriving from here on sets the FD. After a spurious POLLIN
             # (recv said Again at once) EVENTS would say POLLIN again: sleep anyway, and the
             # tick bounds any edge that recv consumed.
-            with trio.move_on_after(self._tick):
+            with trio.move_on_at(next_multiple(self._tick)):
                 await trio.lowlevel.wait_readable(self._fd)
             slept = True
 

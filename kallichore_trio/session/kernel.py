@@ -46,6 +46,7 @@ from kallichore_trio.session.connection import (
     connection_info,
     write_registration_file,
 )
+from kallichore_trio.timers import next_multiple
 from kallichore_trio.zmq_trio import (
     Subscription,
     TrioSocket,
@@ -465,7 +466,7 @@ class Kernel:
                     alive = await round_trip(hb, [HEARTBEAT_PAYLOAD], timeouts.heartbeat_reply)
                     self.session.on_heartbeat(alive)
                     if alive:
-                        await trio.sleep(timeouts.heartbeat_period)
+                        await trio.sleep_until(next_multiple(timeouts.heartbeat_period))
             finally:
                 trio.lowlevel.notify_closing(hb.getsockopt(zmq.FD))
                 hb.close()
