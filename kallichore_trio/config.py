@@ -44,7 +44,8 @@ class Timeouts:
     terminate: float = 5.0
     #: SIGKILL -> exit (reaping); past this the process is reported lost.
     kill: float = 5.0
-    #: Heartbeat: wait for the echo, then sleep this long between beats.
+    #: Heartbeat: wait this long for the echo; beats fall on multiples of the period (timers.py),
+    #: so consecutive beats are 0.5 to 1.5 periods apart.
     heartbeat_reply: float = 5.0
     heartbeat_period: float = 2.0
     #: A WebSocket write that takes longer drops the client (its frames stay in the outbox).
