@@ -120,11 +120,9 @@ async def measure(
 def summarize(forward: list[tuple[float, float]], swapped: list[tuple[float, float]]) -> None:
     """The new tree's effect with the "new" slot's own bias cancelled: in a forward run
     new/base = effect * bias, in a swapped one effect**-1 * bias."""
-    def mean(values: list[float]) -> float:
-        return statistics.fmean(values)
-
     for what, i in (("round trip", 0), ("daemon CPU", 1)):
-        f, w = mean([r[i] for r in forward]), mean([r[i] for r in swapped])
+        f = statistics.fmean(r[i] for r in forward)
+        w = statistics.fmean(r[i] for r in swapped)
         print(f"{what}: forward {f:.3f}, swapped {w:.3f} -> effect of the new tree "
               f"{(f / w) ** 0.5:.3f}, slot bias {(f * w) ** 0.5:.3f}")
 
