@@ -30,6 +30,7 @@ import zmq
 from jupyter_core.paths import jupyter_runtime_dir
 
 from kallichore_trio.api import create_app, hypercorn_ext
+from kallichore_trio.busypoll import BusyPoll
 from kallichore_trio.config import Config
 from kallichore_trio.errors import ConfigurationError
 from kallichore_trio.memory import load_malloc_trim, trim_after_bursts
@@ -190,9 +191,10 @@ class Daemon:
                 self.request_shutdown(f"received {signal.Signals(signum).name}")
 
 
-async def _run_watchers(daemon: Daemon, scope: trio.CancelScope) -> None:
+async def _run_watchers(daemon: Daemon, busy_poll: BusyPoll, scope: trio.CancelScope) -> None:
     with scope:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(busy_poll.run)
             nursery.start_soon(daemon.watch_signals)
             nursery.start_soon(daemon.idle_watchdog)
             nursery.start_soon(daemon.resource_sampler)
@@ -237,8 +239,13 @@ def _hypercorn_config(sock: socket.socket) -> hypercorn.config.Config:
 
 
 async def run_daemon(
-    config: Config, *, task_status: trio.TaskStatus[ServerAddress] = trio.TASK_STATUS_IGNORED
+    config: Config,
+    *,
+    busy_poll: BusyPoll | None = None,
+    task_status: trio.TaskStatus[ServerAddress] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve until shut down. `busy_poll` is made from the config unless given (a test gives
+    its own to watch it)."""
     runtime_dir = config.runtime_dir or Path(jupyter_runtime_dir())
     zmq_context: zmq.Context[Any] = zmq.Context()
     sock, address, owned_socket = _bind_socket(config)
@@ -246,7 +253,10 @@ async def run_daemon(
         async with trio.open_nursery() as root:
             stop_http = trio.Event()
             async with trio.open_nursery() as sessions_nursery:
-                registry = SessionRegistry(config, sessions_nursery, zmq_context, runtime_dir)
+                if busy_poll is None:
+                    busy_poll = BusyPoll(config.busy_poll)
+                registry = SessionRegistry(config, sessions_nursery, zmq_context, runtime_dir,
+                                           on_traffic=busy_poll.touch)
                 daemon = Daemon(config, registry)
                 registry.on_activity = daemon.nudge
                 app = create_app(daemon)
@@ -255,7 +265,7 @@ async def run_daemon(
                             shutdown_trigger=stop_http.wait)
                 )
                 watchers = trio.CancelScope()
-                root.start_soon(_run_watchers, daemon, watchers)
+                root.start_soon(_run_watchers, daemon, busy_poll, watchers)
                 log.info("listening on %s", address.base_path or address.socket_path)
                 task_status.started(address)
                 await daemon.shutdown_requested.wait()

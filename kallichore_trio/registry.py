@@ -29,12 +29,14 @@ class SessionRegistry:
         zmq_context: zmq.Context[Any],
         runtime_dir: Path,
         on_activity: Callable[[], None] = lambda: None,
+        on_traffic: Callable[[], None] = lambda: None,
     ) -> None:
         self.config = config
         self._nursery = nursery
         self.zmq_context = zmq_context
         self.runtime_dir = runtime_dir
         self.on_activity = on_activity
+        self.on_traffic = on_traffic  # a message relayed, either way (busypoll.py)
         self.sessions: dict[str, KernelSession] = {}
         self.started_at = trio.current_time()
         self.started_wall = dt.datetime.now(dt.UTC)
@@ -52,6 +54,7 @@ class SessionRegistry:
             zmq_context=self.zmq_context,
             runtime_dir=self.runtime_dir,
             on_activity=self.on_activity,
+            on_traffic=self.on_traffic,
         )
         self.sessions[model.session_id] = session
         await self._nursery.start(session.run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,11 @@ async def daemon(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Running
         yield running
 
 
-async def _daemon(nursery: trio.Nursery, config: Config) -> AsyncIterator[RunningDaemon]:
+async def _daemon(
+    nursery: trio.Nursery, config: Config, **options: Any
+) -> AsyncIterator[RunningDaemon]:
     before = _kernel_pids()
-    address = await nursery.start(run_daemon, config)
+    address = await nursery.start(partial(run_daemon, config, **options))
     async with httpx.AsyncClient(
         base_url=address.base_path,
         headers={"Authorization": f"Bearer {config.token}"},

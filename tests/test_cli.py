@@ -58,6 +58,9 @@ def sock_dir() -> Iterator[Path]:
         (["--unix-socket", "/tmp/api.sock"],
          {"unix_socket": Path("/tmp/api.sock"), "transport": "socket"}),
         (["--token", "none"], {"token": None}),
+        (["--busy-poll", "0"], {"busy_poll": 0.0}),
+        (["--busy-poll", "0.5"], {"busy_poll": 0.0005}),
+        (["--busy-poll", "100"], {"busy_poll": 0.1}),
     ],
 )
 def test_flags(argv: list[str], expected: dict[str, Any]) -> None:
@@ -123,7 +126,9 @@ def test_validation_errors_exit_1(
 
 @pytest.mark.parametrize(
     "argv",
-    [["--port", "70000"], ["--port", "x"], ["-i", "-1"], ["-r", "65536"], ["--bogus"]],
+    [["--port", "70000"], ["--port", "x"], ["-i", "-1"], ["-r", "65536"], ["--bogus"],
+     ["--busy-poll", "-1"], ["--busy-poll", "101"], ["--busy-poll", "nan"],
+     ["--busy-poll", "2ms"]],
 )
 def test_argparse_errors_exit_nonzero(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -192,7 +197,7 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ["--port", "-p", "--token", "-t", "--idle-shutdown-hours", "-i",
                  "--resource-sample-interval", "-r", "--log-level", "-l", "--log-file",
                  "--connection-file", "--handshake-socket", "--socket-dir", "--unix-socket",
-                 "--transport", "--version", "-V", "--help"]:
+                 "--transport", "--busy-poll", "--version", "-V", "--help"]:
         assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", out), flag
 
 

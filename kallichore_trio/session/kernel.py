@@ -423,6 +423,7 @@ class Kernel:
             await session.wait_for_room()
 
     async def _relay(self, channel: str, batch: list[list[bytes]]) -> None:
+        self.session.on_traffic()
         for frames in batch:
             due = self._on_frames(channel, frames)
             if due is not None:

@@ -100,6 +100,7 @@ class KernelSession:
         zmq_context: zmq.Context[Any],
         runtime_dir: Path,
         on_activity: Callable[[], None] = lambda: None,
+        on_traffic: Callable[[], None] = lambda: None,
     ) -> None:
         self.model = model
         self.session_id = model.session_id
@@ -107,6 +108,7 @@ class KernelSession:
         self.zmq_context = zmq_context
         self.runtime_dir = runtime_dir
         self.on_activity = on_activity
+        self.on_traffic = on_traffic
         self.key = new_key()
         self.signer = wire.Signer(self.key.encode())
         self.protocol_version = model.protocol_version or "5.3"
@@ -281,6 +283,7 @@ class KernelSession:
 
     async def deliver(self, msg: wire.ClientMessage) -> None:
         """A client message on its way to the kernel, through the execution queue."""
+        self.on_traffic()
         if msg.msg_type == "execute_request" and _has_code(msg):
             try:
                 send_now = self.queue.submit(msg)
