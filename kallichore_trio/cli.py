@@ -358,6 +358,11 @@ def main(argv: list[str] | None = None) -> int:
                         "start and control kernels")
         log.info("kallichore-trio %s (kcserver %s compatible)", our_version(),
                  KALLICHORE_VERSION)
+        if config.busy_poll:
+            log.info("polling for %g ms after each relayed message (--busy-poll 0 turns it off)",
+                     config.busy_poll * 1e3)
+        else:
+            log.info("no polling after relayed messages (--busy-poll)")
         return trio.run(serve, config, _load_daemon())
     except KeyboardInterrupt:
         # A signal before the daemon installed its handlers.

@@ -353,3 +353,18 @@ def test_main_end_to_end_with_fake_daemon(
     assert "main-token" not in log_file.read_text()
     assert "[INFO]" in log_file.read_text()
     assert not token_file.exists()
+
+
+@pytest.mark.parametrize(("flag", "logged"), [
+    (["--busy-poll", "3"], "polling for 3 ms after each relayed message"),
+    (["--busy-poll", "0"], "no polling after relayed messages"),
+])
+def test_the_busy_poll_setting_is_logged_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: list[str], logged: str
+) -> None:
+    log_file = tmp_path / "k.log"
+    daemon = fake_daemon(TCP)
+    monkeypatch.setattr(cli, "_load_daemon", lambda: daemon)
+    assert cli.main(["--token", "none", "--log-file", str(log_file), *flag]) == 0
+    assert daemon.state["config"].busy_poll == float(flag[1]) / 1000
+    assert logged in log_file.read_text()
