@@ -47,7 +47,8 @@ class BusyPoll:
                 f"turns={self.turns}>")
 
     def touch(self) -> None:
-        """Traffic: poll until `window` after now. Cheap, called once per batch of messages."""
+        """Traffic: poll until `window` after now. Cheap: called once per batch from a kernel
+        and once per client message."""
         self._touches += 1
         if self._parked is not None:
             self._parked.set()
