@@ -8,12 +8,13 @@ would first have to wake it. On the 2-core VMs we measure on the guest halts at 
 message. So after each message relayed in either direction, one task keeps the loop turning
 (checkpoint, `sched_yield`) for `window` seconds, and the loop polls its sockets with a zero
 timeout in every turn. `sched_yield` hands the core to any other runnable thread first, so a
-kernel sharing the core gets it whenever it can run: the polling takes idle time. With a
-single usable CPU there is no idle CPU to keep awake, and the window defaults to 0 (config.py).
+kernel sharing the core gets it whenever it can run: the polling takes idle time.
 
-Measured (docs/performance.md, 2026-12-04): a `1+1` round trip 25 % faster with a 2 ms window,
-for about 2 ms more of daemon CPU per round trip. An idle daemon never polls: heartbeats,
-keep-alive pings and resource samples are not traffic.
+It is off by default (Config.busy_poll is 0): while traffic keeps coming (a chatty comm) it
+keeps a core busy, which on a laptop is battery and fan for a gain nobody perceives. It is a
+latency-for-CPU trade for benchmarks and test harnesses (`--busy-poll MS`; figures in
+docs/performance.md). An idle daemon never polls: heartbeats, keep-alive pings and resource
+samples are not traffic.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class BusyPoll:
         state = "polling" if self.polling else "parked"
         return (f"<BusyPoll window={self.window * 1e3:g} ms {state} periods={self.periods} "
                 f"turns={self.turns}>")
+
+    @property
+    def touches(self) -> int:
+        """How many times traffic was reported."""
+        return self._touches
 
     def touch(self) -> None:
         """Traffic: poll until `window` after now. Cheap: called once per batch from a kernel

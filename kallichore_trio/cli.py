@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
              "--unix-socket, else tcp)")
     add("--busy-poll", type=_poll_ms, metavar="MS",
         help="keep polling for MS ms after each relayed message instead of letting the CPU "
-             "idle: lower latency for a little CPU (0 = off; default 2, or 0 on one CPU)")
+             "idle: a little lower latency for up to a core of CPU while traffic flows "
+             "(default 0 = off)")
     add("-V", "--version", action="version",
         version=f"kcserver {KALLICHORE_VERSION} (kallichore-trio {our_version()})",
         help="print the version and exit")

@@ -6,7 +6,6 @@ wait on the outside world takes its bound from here, so a test can shorten it.
 
 from __future__ import annotations
 
-import os
 import secrets
 import uuid
 from pathlib import Path
@@ -29,13 +28,6 @@ def new_token() -> str:
 
 def new_server_id() -> str:
     return uuid.uuid4().hex
-
-
-def default_busy_poll() -> float:
-    """2 ms with two or more usable CPUs; 0 (off) with one, where polling could only take the
-    CPU from a kernel."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return 0.002 if (cpus or 1) >= 2 else 0.0
 
 
 @attrs.frozen(kw_only=True)
@@ -116,5 +108,7 @@ class Config:
     #: costs more CPU than relaying the message). Anything else pending is written at once.
     output_linger: float = 0.002
     #: Seconds the event loop keeps polling after a message was relayed, rather than letting
-    #: the CPU go idle before the next one (busypoll.py); 0 turns it off.
-    busy_poll: float = attrs.field(factory=default_busy_poll)
+    #: the CPU go idle before the next one (busypoll.py). Off by default: it trades a core's
+    #: worth of CPU while traffic flows (a chatty comm keeps it flowing) for a little latency,
+    #: a trade for benchmarks and test harnesses, not for a laptop.
+    busy_poll: float = 0.0
