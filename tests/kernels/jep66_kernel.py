@@ -5,33 +5,19 @@ It binds its own ports, sends a signed `handshake_request` with them to the regi
 socket, waits for `handshake_reply`, and serves until it gets a shutdown_request.
 """
 
-import datetime
-import hashlib
-import hmac
 import json
 import sys
-import uuid
 
 import zmq
+from kernel_wire import KernelWire
 
 registration = json.load(open(sys.argv[1]))
 key = registration["key"].encode()
 ctx = zmq.Context()
 
 
-def sign(parts):
-    mac = hmac.new(key, digestmod=hashlib.sha256)
-    for part in parts:
-        mac.update(part)
-    return mac.hexdigest().encode()
-
-
-def message(msg_type, content, parent=None):
-    header = {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "session": "jep66",
-              "username": "kernel", "version": "5.5",
-              "date": datetime.datetime.now(datetime.UTC).isoformat()}
-    parts = [json.dumps(p).encode() for p in (header, parent or {}, {}, content)]
-    return [b"<IDS|MSG>", sign(parts), *parts]
+wire = KernelWire(key, session="jep66", version="5.5")
+message = wire.message
 
 
 sockets = {}

@@ -14,16 +14,12 @@ Modes:
 Every mode first prints `mini kernel pid <n>` on stdout.
 """
 
-import datetime
-import hashlib
-import hmac
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 
 mode = sys.argv[2] if len(sys.argv) > 2 else "normal"
 print(f"mini kernel pid {os.getpid()}", flush=True)
@@ -36,6 +32,7 @@ if mode == "never_answers":
         time.sleep(3600)
 
 import zmq  # noqa: E402
+from kernel_wire import KernelWire  # noqa: E402
 
 info = json.load(open(sys.argv[1]))
 key = info["key"].encode()
@@ -53,19 +50,8 @@ if mode == "spawn_child":
     print(f"child pid {child.pid}", flush=True)
 
 
-def sign(parts):
-    mac = hmac.new(key, digestmod=hashlib.sha256)
-    for part in parts:
-        mac.update(part)
-    return mac.hexdigest().encode()
-
-
-def message(msg_type, content, parent=None):
-    header = {"msg_id": uuid.uuid4().hex, "msg_type": msg_type, "session": "mini",
-              "username": "kernel", "version": "5.3",
-              "date": datetime.datetime.now(datetime.UTC).isoformat()}
-    parts = [json.dumps(p).encode() for p in (header, parent or {}, {}, content)]
-    return [b"<IDS|MSG>", sign(parts), *parts]
+wire = KernelWire(key, session="mini", version="5.3")
+message = wire.message
 
 
 url = f"{info['transport']}://{info['ip']}:"
