@@ -441,6 +441,11 @@ class Kernel:
             return None
         if channel == "iopub":
             self._iopub_seen.set()
+        elif channel == "stdin":
+            # Rare (a prompt for input) and hard to see otherwise: a kernel that addresses
+            # its stdin request to the wrong routing id makes a cell wait silently.
+            log.debug("session %s: stdin %s (parent %s) via %r", self.session.session_id,
+                      msg.msg_type, msg.parent_msg_id, msg.identities)
         return self.session.on_kernel_message(msg, channel)
 
     def _on_probe_traffic(self, channel: str, msg: wire.KernelMessage) -> None:
