@@ -442,8 +442,8 @@ class Kernel:
         if channel == "iopub":
             self._iopub_seen.set()
         elif channel == "stdin":
-            # Rare (a prompt for input) and hard to see otherwise: a kernel that addresses
-            # its stdin request to the wrong routing id makes a cell wait silently.
+            # Rare (a prompt for input), and a cell waiting on a prompt nobody saw is hard to
+            # diagnose: this tells "never reached us" from "lost after us".
             log.debug("session %s: stdin %s (parent %s) via %r", self.session.session_id,
                       msg.msg_type, msg.parent_msg_id, msg.identities)
         return self.session.on_kernel_message(msg, channel)
