@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import trio
 
@@ -45,18 +46,6 @@ async def test_startup_failure_never_answers_times_out(daemon: RunningDaemon) ->
     assert info["status"] == "exited" and "process_id" not in info
 
 
-async def test_startup_failure_bad_working_directory(daemon: RunningDaemon) -> None:
-    session_id = await daemon.create(mini_argv("normal"),
-                                     working_directory="/nonexistent/kallichore/dir")
-    response = await daemon.start(session_id)
-    assert response.status_code == 500
-    body = response.json()
-    assert body["error"]["code"] == "KS-5"
-    assert "/nonexistent/kallichore/dir" in body["error"]["message"]
-    assert "exit_code" not in body
-    assert (await session_json(daemon, session_id))["status"] == "exited"
-
-
 async def test_startup_failure_empty_argv_is_ks5_no_arguments(daemon: RunningDaemon) -> None:
     session_id = await daemon.create([])
     response = await daemon.start(session_id)
@@ -65,11 +54,17 @@ async def test_startup_failure_empty_argv_is_ks5_no_arguments(daemon: RunningDae
         "code": "KS-5", "message": "Failed to start process for session: No arguments provided"}}
 
 
-async def test_daemon_healthy_after_each_startup_failure(daemon: RunningDaemon) -> None:
+async def test_daemon_healthy_after_each_startup_failure(
+    daemon: RunningDaemon, tmp_path: Path,
+) -> None:
+    # A program that exists but cannot be executed: the spawn itself fails (KS-5).
+    not_executable = tmp_path / "not-executable"
+    not_executable.write_text("#!/bin/sh\n")
+    not_executable.chmod(0o644)
     failing = [
         await daemon.create(mini_argv("exit_at_once")),
         await daemon.create(mini_argv("never_answers"), connection_timeout=1),
-        await daemon.create(mini_argv("normal"), working_directory="/nonexistent/dir"),
+        await daemon.create([str(not_executable), "{connection_file}"]),
     ]
     for session_id in failing:
         assert (await daemon.start(session_id)).status_code == 500

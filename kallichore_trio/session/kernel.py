@@ -441,6 +441,11 @@ class Kernel:
             return None
         if channel == "iopub":
             self._iopub_seen.set()
+        elif channel == "stdin":
+            # Rare (a prompt for input), and a cell waiting on a prompt nobody saw is hard to
+            # diagnose: this tells "never reached us" from "lost after us".
+            log.debug("session %s: stdin %s (parent %s) via %r", self.session.session_id,
+                      msg.msg_type, msg.parent_msg_id, msg.identities)
         return self.session.on_kernel_message(msg, channel)
 
     def _on_probe_traffic(self, channel: str, msg: wire.KernelMessage) -> None:

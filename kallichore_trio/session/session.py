@@ -368,9 +368,26 @@ class KernelSession:
     def _prepare_kernel(self, *, retry_on_port_conflict: bool) -> Kernel:
         cwd = self.working_directory
         if not os.path.isdir(cwd):
-            raise ProcessStartFailed(
-                f"the working directory '{cwd}' does not exist or is not a directory"
-            )
+            # As the reference does: a project folder that was moved or deleted must still
+            # give the user a console, so the kernel starts in the daemon's own directory, and
+            # the client is told why (as kernel output, kept for a client not yet connected).
+            missing = cwd
+            try:
+                cwd = os.getcwd()
+            except OSError as exc:  # the daemon's own directory is gone too
+                raise ProcessStartFailed(
+                    f"the working directory '{missing}' does not exist or is not a directory, "
+                    f"and neither does the daemon's ({exc})"
+                ) from None
+            log.warning("session %s: working directory %r does not exist or is not a "
+                        "directory; starting the kernel in %r", self.session_id, missing, cwd)
+            self.emit(wire.output_event(
+                "stderr",
+                f"The working directory '{missing}' does not exist or is not a directory; "
+                f"the kernel starts in '{cwd}' instead.\n",
+            ))
+            self.working_directory = cwd
+            self.emit(wire.working_dir_changed_event(cwd))
         ports = None
         info = None
         handshake = uses_handshake(self.protocol_version)
