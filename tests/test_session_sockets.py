@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import attrs
 import httpx
@@ -48,18 +47,23 @@ def sock_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-async def _unix_daemon(nursery: trio.Nursery, config: Config) -> AsyncIterator[RunningDaemon]:
+@asynccontextmanager
+async def running_unix_daemon(nursery: trio.Nursery,
+                              config: Config) -> AsyncIterator[RunningDaemon]:
     before = _kernel_pids()
     address = await nursery.start(run_daemon, config)
     assert address.socket_path is not None
     transport = httpx.AsyncHTTPTransport(uds=address.socket_path)
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost",
                                  headers=AUTH, timeout=60) as client:
-        yield RunningDaemon(address, config, client)
         try:
-            await client.post("/shutdown")
-        except httpx.HTTPError:
-            pass
+            yield RunningDaemon(address, config, client)
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await client.post("/shutdown")
+                except httpx.HTTPError:
+                    pass
     with trio.fail_after(30):
         while _kernel_pids() - before:
             await trio.sleep(0.05)
@@ -67,8 +71,8 @@ async def _unix_daemon(nursery: trio.Nursery, config: Config) -> AsyncIterator[R
 
 @pytest.fixture
 async def unix_daemon(nursery: trio.Nursery, sock_dir: Path) -> AsyncIterator[RunningDaemon]:
-    async for running in _unix_daemon(nursery, daemon_config(sock_dir, transport="socket")):
-        yield running
+    async with running_unix_daemon(nursery, daemon_config(sock_dir, transport="socket")) as d:
+        yield d
 
 
 async def channels_path(daemon: RunningDaemon, session_id: str) -> str:
@@ -178,9 +182,12 @@ async def transport(
     request: pytest.FixtureRequest, nursery: trio.Nursery, sock_dir: Path
 ) -> AsyncIterator[Transport]:
     config = daemon_config(sock_dir, transport=request.param)
-    running: Any = _daemon if request.param == "tcp" else _unix_daemon
-    async for daemon in running(nursery, config):
-        yield Transport(daemon)
+    if request.param == "tcp":
+        async for daemon in _daemon(nursery, config):
+            yield Transport(daemon)
+    else:
+        async with running_unix_daemon(nursery, config) as daemon:
+            yield Transport(daemon)
 
 
 async def test_a_connecting_client_evicts_the_previous_one_with_clientDisconnected(
@@ -307,3 +314,43 @@ async def test_a_socket_file_removed_from_outside_is_bound_anew(
     assert fresh != path
     async with connect_socket(fresh, session_id) as channel:
         await round_trip(channel)
+
+
+# ---- errors --------------------------------------------------------------------------------
+
+
+async def test_a_failed_bind_is_domain_socket_error_and_leaves_nothing_behind(
+    nursery: trio.Nursery, sock_dir: Path
+) -> None:
+    missing = sock_dir / "later"
+    config = daemon_config(sock_dir, transport="socket", unix_socket=sock_dir / "main.sock",
+                           socket_dir=missing)
+    async with running_unix_daemon(nursery, config) as daemon:
+        session_id = await daemon.create()
+        # The directory does not exist: the bind fails.
+        response = await daemon.client.get(f"/sessions/{session_id}/channels")
+        assert response.status_code == 400
+        assert response.json()["code"] == "domain_socket_error"
+        assert str(missing) in response.json()["message"]
+        # Nothing is left half-made: once the directory exists the socket is bound.
+        missing.mkdir()
+        path = await channels_path(daemon, session_id)
+        assert Path(path).parent == missing
+        async with connect_socket(path, session_id) as channel:
+            msg_id = await channel.execute("print('held')")  # held until the kernel is up
+            assert (await daemon.start(session_id)).status_code == 200
+            assert stream_text(await channel.wait_done(msg_id), msg_id) == "held\n"
+
+
+async def test_a_socket_dir_too_long_for_sun_path_is_socket_path_too_long(
+    nursery: trio.Nursery, sock_dir: Path
+) -> None:
+    config = daemon_config(sock_dir, transport="socket", unix_socket=sock_dir / "main.sock",
+                           socket_dir=Path("/" + "d" * wsconn.MAX_SOCKET_PATH_BYTES))
+    async with running_unix_daemon(nursery, config) as daemon:
+        session_id = await daemon.create()
+        for _ in range(2):
+            response = await daemon.client.get(f"/sessions/{session_id}/channels")
+            assert response.status_code == 400
+            assert response.json()["code"] == "socket_path_too_long"
+        assert (await daemon.client.get(f"/sessions/{session_id}")).status_code == 200

@@ -34,6 +34,7 @@ from kallichore_trio.errors import (
     ProcessStartFailed,
     RestartFailed,
     SessionInterruptFailed,
+    SessionNotFound,
     SessionNotRunning,
     StartupFailure,
 )
@@ -535,9 +536,12 @@ class KernelSession:
         disturbs nobody: a connected client is evicted only when a new one connects
         (`serve_client`), and no listener is ever torn down or re-bound under a client that is
         about to connect. Only if the file has gone is a new socket bound, at a new path.
-        Raises what `new_path` raises (SocketPathTooLong) and OSError if the bind fails.
+        Raises what `new_path` raises (SocketPathTooLong), OSError if the bind fails, and
+        SessionNotFound if the session was deleted meanwhile.
         """
         async with self._channel_socket_lock:
+            if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+                raise SessionNotFound(self.session_id)
             current = self._channel_socket
             if current is not None and current.intact():
                 return current.path
@@ -548,7 +552,6 @@ class KernelSession:
                 self._channel_socket = None
             path = new_path()
             scope = trio.CancelScope()
-            assert self._nursery is not None
             await self._nursery.start(self._listen, path, scope)
             self._channel_socket = ChannelSocket(path, file_identity(path), scope)
             return path
