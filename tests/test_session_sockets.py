@@ -340,6 +340,9 @@ async def test_a_failed_bind_is_domain_socket_error_and_leaves_nothing_behind(
             msg_id = await channel.execute("print('held')")  # held until the kernel is up
             assert (await daemon.start(session_id)).status_code == 200
             assert stream_text(await channel.wait_done(msg_id), msg_id) == "held\n"
+    with trio.fail_after(10):
+        while os.path.exists(path):  # the daemon's shutdown removes the sockets it bound
+            await trio.sleep(0.02)
 
 
 async def test_a_socket_dir_too_long_for_sun_path_is_socket_path_too_long(
