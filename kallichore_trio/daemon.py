@@ -62,7 +62,6 @@ class Daemon:
         self.idle_shutdown_hours = config.idle_shutdown_hours
         self.resource_sample_interval_ms = config.resource_sample_interval_ms
         self.client_pid: int | None = None
-        self.socket_listeners: dict[str, trio.CancelScope] = {}
         self._last_activity = trio.current_time()
         self._config_changed = trio.Event()
         self._sampler_wake = trio.Event()
@@ -270,9 +269,7 @@ async def run_daemon(
                 task_status.started(address)
                 await daemon.shutdown_requested.wait()
                 with trio.CancelScope(shield=True):
-                    await registry.shutdown_all()
-                    for scope in daemon.socket_listeners.values():
-                        scope.cancel()
+                    await registry.shutdown_all()  # ends their socket listeners too
                     sessions_nursery.cancel_scope.cancel()
             watchers.cancel()
             # Let the HTTP response to POST /shutdown go out, then stop serving.

@@ -11,7 +11,6 @@ for `sniff_timeout`, speaks raw WebSocket framing with no handshake at all. wspr
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket as stdlib_socket
@@ -59,7 +58,7 @@ class ClientGone(Exception):
 
 
 class SocketPathTooLong(ValueError):
-    """Even the hashed per-session socket name does not fit in sun_path."""
+    """Even the shortest per-session socket name does not fit in sun_path."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(
@@ -380,12 +379,17 @@ async def accept_websocket(
     return WsprotoConnection(stream, ws, max_message_bytes=max_message_bytes)
 
 
-def _same_file(path: Path, ident: tuple[int, int]) -> bool:
+#: A file's identity: (st_dev, st_ino).
+FileIdentity = tuple[int, int]
+
+
+def file_identity(path: Path) -> FileIdentity | None:
+    """(st_dev, st_ino) of whatever is at path (not following a symlink), None if nothing is."""
     try:
         st = path.lstat()
     except OSError:
-        return False
-    return (st.st_dev, st.st_ino) == ident
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def remove_stale_socket(path: Path) -> None:
@@ -395,6 +399,21 @@ def remove_stale_socket(path: Path) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+
+
+def _remove_own_socket(path: Path, ident: FileIdentity) -> None:
+    """Unlink path if it is still the file our listening socket was bound to.
+
+    Called while that socket is still open: a bound socket keeps its file's inode allocated,
+    so a file with the same identity can only be ours. Once the socket is closed the inode
+    number is free, and the next socket bound at the path can get it back (ext4 does so at
+    once), which would make someone else's socket look like ours.
+    """
+    if file_identity(path) == ident:
+        try:
+            path.unlink()
+        except OSError as exc:
+            log.warning("Could not remove socket %s: %s", path, exc)
 
 
 async def serve_unix_socket(
@@ -408,7 +427,7 @@ async def serve_unix_socket(
 
     A failure in one connection is logged and never stops the listener. Cancelling this task
     ends the open connections too (they live in its nursery) and removes the socket file, unless
-    another listener has replaced it in the meantime.
+    something else has replaced it in the meantime.
     """
     remove_stale_socket(path)
     sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
@@ -425,7 +444,7 @@ async def serve_unix_socket(
         raise
     listener = trio.SocketListener(sock)
     try:
-        async with listener, trio.open_nursery() as nursery:
+        async with trio.open_nursery() as nursery:
             task_status.started(path)
             while True:
                 try:
@@ -437,11 +456,9 @@ async def serve_unix_socket(
                     continue
                 nursery.start_soon(_serve_one, stream, handler, sniff_timeout, path)
     finally:
-        if _same_file(path, ident):
-            try:
-                path.unlink()
-            except OSError as exc:
-                log.warning("Could not remove socket %s: %s", path, exc)
+        # The file goes first, with no checkpoint before it (see _remove_own_socket).
+        _remove_own_socket(path, ident)
+        await trio.aclose_forcefully(listener)
 
 
 async def _serve_one(
@@ -472,21 +489,20 @@ def _name_prefix(session_id: str) -> str:
     return prefix.replace("/", "_").replace("\0", "_")
 
 
-def session_socket_path(socket_dir: Path, session_id: str, pid: int) -> Path:
-    """The per-session socket path: `kc-<pid>.<first 8 bytes of id>.sock` (spec §2.1).
+def session_socket_path(socket_dir: Path, session_id: str, pid: int, serial: int) -> Path:
+    """A per-session socket path: `kc-<pid>.<first 8 bytes of id>.<serial>.sock`.
 
-    Kallichore slices 8 bytes and can panic on a non-ASCII id; we cut at a character boundary.
-    A path over 104 bytes falls back to `kc-<64-bit hash of (id, pid)>.sock`; if that is still
-    too long, SocketPathTooLong.
+    `serial` (one number per listener the daemon ever binds) makes the path unique: ids often
+    share their first 8 bytes (`python-<hex>`), and a path shared by two sessions would lead a
+    client to the wrong kernel (docs/differences.md, "Transport"). The id prefix is there for
+    people reading the directory. A path over 104 bytes falls back to `kc-<pid>.<serial>.sock`;
+    if that is still too long, SocketPathTooLong. Kallichore slices 8 bytes and can panic on a
+    non-ASCII id; we cut at a character boundary.
     """
-    path = socket_dir / f"kc-{pid}.{_name_prefix(session_id)}.sock"
+    path = socket_dir / f"kc-{pid}.{_name_prefix(session_id)}.{serial}.sock"
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES:
         return path
-    digest = hashlib.blake2b(
-        session_id.encode("utf-8", errors="surrogatepass") + b"\0" + str(pid).encode(),
-        digest_size=8,
-    ).hexdigest()
-    path = socket_dir / f"kc-{digest}.sock"
+    path = socket_dir / f"kc-{pid}.{serial}.sock"
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES:
         return path
     raise SocketPathTooLong(path)

@@ -391,29 +391,42 @@ async def test_cleanup_spares_a_replacement_socket(sock_dir: Path) -> None:
 
 def test_session_socket_path_rules(tmp_path: Path) -> None:
     d = Path("/run/user/1000")
-    assert session_socket_path(d, "python-abcdef", 4242) == d / "kc-4242.python-a.sock"
-    assert session_socket_path(d, "r", 1) == d / "kc-1.r.sock"
+    assert session_socket_path(d, "python-abcdef", 4242, 1) == d / "kc-4242.python-a.1.sock"
+    assert session_socket_path(d, "r", 1, 2) == d / "kc-1.r.2.sock"
     # Non-ASCII: 8 bytes cut back to a character boundary, never a broken character.
-    name = session_socket_path(d, "ééééé", 7).name
-    assert name == "kc-7.éééé.sock"
-    assert session_socket_path(d, "日本語です", 7).name == "kc-7.日本.sock"
+    name = session_socket_path(d, "ééééé", 7, 3).name
+    assert name == "kc-7.éééé.3.sock"
+    assert session_socket_path(d, "日本語です", 7, 3).name == "kc-7.日本.3.sock"
     # A path separator in the id must not leave the directory.
-    assert session_socket_path(d, "../../etc", 7).parent == d
+    assert session_socket_path(d, "../../etc", 7, 3).parent == d
+
+
+def test_session_socket_paths_are_unique_by_serial() -> None:
+    d = Path("/run/user/1000")
+    # Positron's ids share their first 8 bytes; the serial tells their sockets apart.
+    a = session_socket_path(d, "python-aaaaaaaa1", 4242, 1)
+    b = session_socket_path(d, "python-aaaaaaaa2", 4242, 2)
+    assert a != b
+    # The serial is the last dotted field and has no dot, so no id can forge another's name,
+    # and the long-path fallback (one field fewer) never meets a regular name.
+    assert session_socket_path(d, "x.1", 9, 2) != session_socket_path(d, "x", 9, 12)
+    assert session_socket_path(d, "", 9, 3).name == "kc-9..3.sock"
 
 
 def test_session_socket_path_length_limit() -> None:
     # 104 bytes exactly is allowed.
-    name = "kc-123456.python-a.sock"
+    name = "kc-123456.python-a.7.sock"
     fits = Path("/" + "d" * (MAX_SOCKET_PATH_BYTES - len(name) - 2))
-    path = session_socket_path(fits, "python-abcdef", 123456)
+    path = session_socket_path(fits, "python-abcdef", 123456, 7)
     assert path == fits / name and len(os.fsencode(path)) == MAX_SOCKET_PATH_BYTES
-    # One byte more: the hashed name (kc-<16 hex>.sock) is tried; it is no shorter here, so the
-    # specific error follows, naming the path.
+    # One byte more: the id prefix is dropped.
+    longer = Path(str(fits) + "d")
+    assert session_socket_path(longer, "python-abcdef", 123456, 7) == longer / "kc-123456.7.sock"
+    # Too long even without it: the specific error, naming the path.
+    too_long = Path("/" + "d" * (MAX_SOCKET_PATH_BYTES - len("kc-123456.7.sock") - 1))
     with pytest.raises(SocketPathTooLong, match="104 bytes") as info:
-        session_socket_path(Path(str(fits) + "d"), "python-abcdef", 123456)
-    assert info.value.path.name.startswith("kc-")
-    with pytest.raises(SocketPathTooLong):
-        session_socket_path(Path("/" + "d" * 100), "python-abcdef", 1)
+        session_socket_path(too_long, "python-abcdef", 123456, 7)
+    assert info.value.path == too_long / "kc-123456.7.sock"
 
 
 def test_default_socket_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

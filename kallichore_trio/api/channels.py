@@ -2,30 +2,26 @@
 
 TCP: a WebSocket upgrade on the API port, accepted by Quart and then served by `wsconn` on the
 TCP stream Hypercorn hands over (api.hypercorn_ext). Socket transport: the call returns
-the path of a per-session Unix socket that accepts a WebSocket (with an HTTP upgrade on any
-path, or raw framing) and serves it with `wsconn`.
+the path of the session's own Unix socket, bound on the first call and kept until the session
+ends; it accepts a WebSocket (with an HTTP upgrade on any path, or raw framing) and serves it
+with `wsconn`. On both, a client is evicted when the next one connects (serve_client).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-import trio
 from quart import Quart, Response, websocket
 
 from kallichore_trio.api.hypercorn_ext import EXTENSION
 from kallichore_trio.api.responses import authenticated, error_response, json_response
 from kallichore_trio.errors import SessionNotFound, SocketPathError
 from kallichore_trio.session.session import KernelSession
-from kallichore_trio.wsconn import (
-    ClientConnection,
-    SocketPathTooLong,
-    default_socket_dir,
-    serve_unix_socket,
-    session_socket_path,
-)
+from kallichore_trio.wsconn import SocketPathTooLong, default_socket_dir, session_socket_path
 
 if TYPE_CHECKING:
     from kallichore_trio.daemon import Daemon
@@ -77,34 +73,29 @@ def register(app: Quart, daemon: Daemon) -> None:
         return json_response(str(path))
 
 
-async def open_session_socket(daemon: Daemon, session: KernelSession) -> os.PathLike[str]:
-    """A fresh per-session socket; the previous listener of that session is closed."""
+#: One number per per-session socket this process binds: it makes every path unique, even
+#: for sessions whose ids share their first 8 bytes or a session re-created under an old id.
+_socket_serials = itertools.count(1)
+
+
+async def open_session_socket(daemon: Daemon, session: KernelSession) -> Path:
+    """The session's socket path, bound on the first call (KernelSession.channel_socket)."""
+    socket_dir = default_socket_dir(daemon.config)
+    tried: list[Path] = []
+
+    def new_path() -> Path:
+        path = session_socket_path(socket_dir, session.session_id, os.getpid(),
+                                   next(_socket_serials))
+        tried.append(path)
+        return path
+
     try:
-        path = session_socket_path(default_socket_dir(daemon.config), session.session_id,
-                                   os.getpid())
+        return await session.channel_socket(new_path)
     except SocketPathTooLong as exc:
         raise SocketPathError("socket_path_too_long", str(exc)) from None
-    old = daemon.socket_listeners.pop(session.session_id, None)
-    if old is not None:
-        old.cancel()
-
-    async def handler(conn: ClientConnection) -> None:
-        session.socket_path = str(path)
-        await session.serve_client(conn)
-
-    async def listen(task_status: trio.TaskStatus[None]) -> None:
-        with trio.CancelScope() as scope:
-            daemon.socket_listeners[session.session_id] = scope
-            await serve_unix_socket(
-                path, handler, sniff_timeout=daemon.config.timeouts.socket_sniff,
-                task_status=task_status,
-            )
-
-    try:
-        await session.start_task(listen)
     except OSError as exc:
-        raise SocketPathError("domain_socket_error", f"Failed to bind {path}: {exc}") from None
-    return path
+        where = tried[-1] if tried else socket_dir
+        raise SocketPathError("domain_socket_error", f"Failed to bind {where}: {exc}") from None
 
 
 __all__ = ["register"]

@@ -18,6 +18,7 @@ import os
 import signal
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from kallichore_trio.errors import (
     ProcessStartFailed,
     RestartFailed,
     SessionInterruptFailed,
+    SessionNotFound,
     SessionNotRunning,
     StartupFailure,
 )
@@ -61,7 +63,13 @@ from kallichore_trio.session.kernel import Kernel, LaunchPlan
 from kallichore_trio.session.outbox import Outbox
 from kallichore_trio.session.queue import ExecutionQueue, QueueFull
 from kallichore_trio.session.state import IDLE_LIKE, SessionState
-from kallichore_trio.wsconn import ClientConnection, ClientGone
+from kallichore_trio.wsconn import (
+    ClientConnection,
+    ClientGone,
+    FileIdentity,
+    file_identity,
+    serve_unix_socket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +97,22 @@ class ClientSlot:
     pings_sent: int = 0
     #: When the write in progress began (trio clock), or None between writes.
     write_started: float | None = None
+    #: The per-session Unix socket the client came through (None on TCP).
+    socket_path: str | None = None
+
+
+@attrs.frozen
+class ChannelSocket:
+    """A session's listening Unix socket (socket transport), and the scope that ends it."""
+
+    path: Path
+    identity: FileIdentity | None
+    scope: trio.CancelScope
+
+    def intact(self) -> bool:
+        """Is the file at `path` still the one our listener is bound to? (Something outside
+        the daemon, a temp-dir cleaner say, may have removed it.)"""
+        return self.identity is not None and file_identity(self.path) == self.identity
 
 
 class KernelSession:
@@ -126,7 +150,8 @@ class KernelSession:
         self.connection: ConnectionInfo | None = None
         self.kernel: Kernel | None = None
         self.client: ClientSlot | None = None
-        self.socket_path: str | None = None
+        self._channel_socket: ChannelSocket | None = None
+        self._channel_socket_lock = trio.Lock()
         self.resource_usage: ResourceUsage | None = None
         self.restarting = False
         self._adopt_ports: PortReservation | None = None
@@ -158,11 +183,6 @@ class KernelSession:
             if self._adopt_ports is not None:
                 self._adopt_ports.release()
 
-    async def start_task(self, fn: Any) -> Any:
-        """Run `fn` (a `nursery.start`-style task) in the session's nursery."""
-        assert self._nursery is not None
-        return await self._nursery.start(fn)
-
     def close(self) -> None:
         """End the session's tasks (after its kernel is gone)."""
         if self._nursery is not None:
@@ -171,6 +191,11 @@ class KernelSession:
     @property
     def connected(self) -> bool:
         return self.client is not None
+
+    @property
+    def socket_path(self) -> str | None:
+        """The per-session socket the connected client came through, if any."""
+        return self.client.socket_path if self.client is not None else None
 
     @property
     def status(self) -> Status:
@@ -520,10 +545,46 @@ class KernelSession:
 
     # ---- the client ----------------------------------------------------------------------
 
-    async def serve_client(self, conn: ClientConnection) -> None:
+    async def channel_socket(self, new_path: Callable[[], Path]) -> Path:
+        """The session's Unix socket for clients (socket transport).
+
+        The first call binds it at `new_path()` in the session's nursery; it then listens until
+        the session ends, and every later call returns the same path. Asking again therefore
+        disturbs nobody: a connected client is evicted only when a new one connects
+        (`serve_client`), and no listener is ever torn down or re-bound under a client that is
+        about to connect. Only if the file has gone is a new socket bound, at a new path.
+        Raises what `new_path` raises (SocketPathTooLong), OSError if the bind fails, and
+        SessionNotFound if the session was deleted meanwhile.
+        """
+        async with self._channel_socket_lock:
+            if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+                raise SessionNotFound(self.session_id)
+            current = self._channel_socket
+            if current is not None and current.intact():
+                return current.path
+            if current is not None:
+                log.warning("session %s: socket %s has gone; binding a new one",
+                            self.session_id, current.path)
+                current.scope.cancel()
+                self._channel_socket = None
+            path = new_path()
+            scope = trio.CancelScope()
+            await self._nursery.start(self._listen, path, scope)
+            self._channel_socket = ChannelSocket(path, file_identity(path), scope)
+            return path
+
+    async def _listen(self, path: Path, scope: trio.CancelScope, *,
+                      task_status: trio.TaskStatus[Path]) -> None:
+        with scope:
+            await serve_unix_socket(
+                path, partial(self.serve_client, socket_path=str(path)),
+                sniff_timeout=self.config.timeouts.socket_sniff, task_status=task_status)
+
+    async def serve_client(self, conn: ClientConnection, *,
+                           socket_path: str | None = None) -> None:
         """Run one client until it leaves or a newer client evicts it."""
         previous = self.client
-        slot = ClientSlot(conn)
+        slot = ClientSlot(conn, socket_path=socket_path)
         self.client = slot
         self.on_activity()
         if previous is not None:
