@@ -70,6 +70,8 @@ class Timeouts:
     execute_starting: float = 30.0
     #: POST /execute without `timeout_seconds`: the longest it waits before interrupting.
     execute_default: float = 3600.0
+    #: POST /execute after its timeout: how long the interrupted request may take to end.
+    execute_interrupted: float = 5.0
 
 
 @attrs.frozen(kw_only=True)

@@ -228,20 +228,30 @@ async def execute(session: KernelSession, request: ExecuteRequest) -> dict[str, 
     try:
         with trio.move_on_after(timeout):
             await finished.wait()
+        if not finished.is_set():
+            await _interrupt(session, finished, timeout)
+            raise ExecuteTimeout(timeout)
     finally:
         followed.finished = None  # nobody waits any more (also when this task is cancelled)
         if not finished.is_set() and not followed.record:
             executions.followed.pop(msg.msg_id, None)
-    if not finished.is_set():
-        log.info("session %s: /execute timed out after %g s; interrupting the kernel",
-                 session.session_id, timeout)
-        try:
-            await session.interrupt()
-        except (KallichoreError, trio.ClosedResourceError, trio.BrokenResourceError,
-                zmq.ZMQError) as exc:
-            log.warning("session %s: could not interrupt after a timeout: %s",
-                        session.session_id, exc)
-        raise ExecuteTimeout(timeout)
     if followed.failure is not None:
         raise followed.failure
     return collector.result()
+
+
+async def _interrupt(session: KernelSession, finished: trio.Event, timeout: float) -> None:
+    """Interrupt the kernel as POST /interrupt does, then give the interrupted request a
+    moment to end: a kernel that stops on an error aborts requests that reach it before it
+    has, so the caller's next request would otherwise fail for no reason of its own."""
+    log.info("session %s: /execute timed out after %g s; interrupting the kernel",
+             session.session_id, timeout)
+    try:
+        await session.interrupt()
+    except (KallichoreError, trio.ClosedResourceError, trio.BrokenResourceError,
+            zmq.ZMQError) as exc:
+        log.warning("session %s: could not interrupt after a timeout: %s",
+                    session.session_id, exc)
+        return
+    with trio.move_on_after(session.config.timeouts.execute_interrupted):
+        await finished.wait()
