@@ -75,6 +75,13 @@ def _uint16(text: str) -> int:
     return value
 
 
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not true or false")
+    return value == "true"
+
+
 def _poll_ms(text: str) -> float:
     try:
         value = float(text)
@@ -100,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit after N hours with no activity (0 = about 30 seconds); default: never")
     add("-r", "--resource-sample-interval", type=_uint16, default=1000, metavar="MS",
         help="kernel resource usage sampling interval in ms (0 = off; default 1000)")
+    add("--resource-include-children", type=_bool, default=True, metavar="true|false",
+        help="include the kernel's child processes in resource samples (default true)")
     add("-l", "--log-level", metavar="LEVEL",
         help="trace, debug, info, warn or error (default: $RUST_LOG, else info)")
     add("--log-file", type=Path, metavar="PATH",
@@ -217,6 +226,7 @@ def config_from_args(
         handshake_socket=_absolute(ns.handshake_socket),
         idle_shutdown_hours=ns.idle_shutdown_hours,
         resource_sample_interval_ms=ns.resource_sample_interval,
+        resource_include_children=ns.resource_include_children,
         log_level=level,
         log_file=_absolute(ns.log_file),
         **kwargs,

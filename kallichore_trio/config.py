@@ -14,8 +14,8 @@ from typing import Literal
 import attrs
 
 #: The Kallichore (kcserver) release whose API and launch protocol we implement. Positron compares
-#: it with the version it pins; 0.1.68 is the first with `--handshake-socket` and `server_id`.
-KALLICHORE_VERSION = "0.1.68"
+#: it with the version it pins; 0.1.69 adds execute, history and the MCP parts of /status.
+KALLICHORE_VERSION = "0.1.69"
 
 Transport = Literal["tcp", "socket"]
 LogLevel = Literal["trace", "debug", "info", "warn", "error"]
@@ -58,6 +58,12 @@ class Timeouts:
     socket_sniff: float = 5.0
     #: Connecting to the client's --handshake-socket and writing the connection document.
     handshake: float = 10.0
+    #: POST /execute: how long a kernel still `starting` is waited for.
+    execute_starting: float = 30.0
+    #: POST /execute without `timeout_seconds`: the longest it waits before interrupting.
+    execute_default: float = 3600.0
+    #: POST /execute after its timeout: how long the interrupted request may take to end.
+    execute_interrupted: float = 5.0
 
 
 @attrs.frozen(kw_only=True)
@@ -95,6 +101,8 @@ class Config:
     #: None disables idle shutdown; 0 means "about 30 seconds".
     idle_shutdown_hours: int | None = None
     resource_sample_interval_ms: int = 1000
+    #: Resource samples cover the kernel's whole process tree (False: its own process only).
+    resource_include_children: bool = True
     log_level: LogLevel = "info"
     log_file: Path | None = None
     #: Directory for kernel connection files; None = jupyter runtime dir.

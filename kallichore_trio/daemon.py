@@ -61,6 +61,7 @@ class Daemon:
         self.shutdown_reason = ""
         self.idle_shutdown_hours = config.idle_shutdown_hours
         self.resource_sample_interval_ms = config.resource_sample_interval_ms
+        self.resource_include_children = config.resource_include_children
         self.client_pid: int | None = None
         self._last_activity = trio.current_time()
         self._config_changed = trio.Event()
@@ -91,6 +92,7 @@ class Daemon:
             idle_shutdown_hours=hours,
             resource_sample_interval_ms=self.resource_sample_interval_ms,
             log_level=self.config.log_level,
+            resource_include_children=self.resource_include_children,
         )
 
     def configure(self, update: ServerConfiguration) -> None:
@@ -105,6 +107,10 @@ class Daemon:
         if interval is not None:
             self.resource_sample_interval_ms = 0 if interval == 0 else max(interval, 100)
             self._sampler_wake.set()
+        children = update.resource_include_children
+        if children is not None and children != self.resource_include_children:
+            self.resource_include_children = children
+            log.info("resource samples: %s", "process tree" if children else "kernel only")
         self.nudge()
         self._config_changed.set()
 
@@ -164,12 +170,15 @@ class Daemon:
             with trio.move_on_at(next_multiple(interval / 1000)):
                 await self._sampler_wake.wait()
             live: set[int] = set()
+            children = self.resource_include_children
             for session in list(self.registry.sessions.values()):
                 pid = session.kernel.pid if session.kernel else None
                 if pid is None or not session.connected:
                     continue
                 live.add(pid)
-                sampler = samplers.setdefault(pid, ProcessTreeSampler(pid))
+                sampler = samplers.get(pid)
+                if sampler is None or sampler.include_children != children:
+                    sampler = samplers[pid] = ProcessTreeSampler(pid, include_children=children)
                 usage = sampler.sample(interval)
                 if usage is not None:
                     session.on_resource_usage(usage)

@@ -212,3 +212,24 @@ class SocketPathError(KallichoreError):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code  # type: ignore[misc]
+
+
+class ExecuteFailed(KallichoreError):
+    """`POST /sessions/{id}/execute` could not run the code: 400 with a named code
+    (`session_not_ready`, `send_failed`, `channel_closed`)."""
+
+    http_status = 400
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code  # type: ignore[misc]
+
+
+class ExecuteTimeout(KallichoreError):
+    """The execution outlived its timeout; the kernel was interrupted (HTTP 408)."""
+
+    code, http_status = "execution_timeout", 408
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"The execution did not finish within {seconds:g} seconds; "
+                         "the kernel was interrupted")

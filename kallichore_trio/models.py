@@ -84,6 +84,8 @@ class NewSession:
     protocol_version: str | None = None
     startup_environment_arg: str | None = None
     run_in_shell: bool | None = None
+    #: The MCP workspace the session belongs to (0.1.69); stored, not shown.
+    workspace_id: str | None = None
 
 
 @attrs.frozen
@@ -113,6 +115,26 @@ class ResourceUsage:
     timestamp: int
 
 
+@attrs.frozen
+class HistoryError:
+    name: str
+    message: str
+    traceback: list[str]
+
+
+@attrs.frozen(kw_only=True)
+class HistoryEntry:
+    """One execution in a session's history (docs/differences.md, "Execute and history")."""
+
+    input: str
+    output: str
+    timestamp: int  # ms since the epoch, when the request was sent
+    truncated: bool
+    error: HistoryError | None = None
+    source: str | None = None
+    agent: str | None = None
+
+
 @attrs.frozen(kw_only=True)
 class ActiveSession:
     session_id: str
@@ -137,12 +159,47 @@ class ActiveSession:
     notebook_uri: str | None = None
     resource_usage: ResourceUsage | None = None
     socket_path: str | None = None
+    #: The last three history entries, oldest first.
+    history: list[HistoryEntry] = attrs.field(factory=list)
 
 
 @attrs.frozen
 class SessionList:
     total: int
     sessions: list[ActiveSession]
+
+
+@attrs.frozen(kw_only=True)
+class McpClient:
+    id: int
+    connected_at: dt.datetime
+    name: str | None = None
+    version: str | None = None
+    pid: int | None = None
+    working_directory: str | None = None
+    session_id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class McpWorkspace:
+    id: str
+    display_name: str
+    connected: bool
+    clients: list[McpClient]
+
+
+@attrs.frozen(kw_only=True)
+class McpStatus:
+    """The `mcp` block of /status. `port` is required and null while no listener runs."""
+
+    active: bool = False
+    port: int | None
+    request_count: int = 0
+    workspaces: list[McpWorkspace] = attrs.field(factory=list)
+
+
+def inactive_mcp() -> McpStatus:
+    return McpStatus(active=False, port=None, request_count=0, workspaces=[])
 
 
 @attrs.frozen(kw_only=True)
@@ -157,6 +214,7 @@ class ServerStatus:
     process_id: int
     started: dt.datetime
     server_id: str | None = None
+    mcp: McpStatus = attrs.field(factory=inactive_mcp)
 
 
 @attrs.frozen
@@ -164,6 +222,59 @@ class ServerConfiguration:
     idle_shutdown_hours: int | None = None
     resource_sample_interval_ms: int | None = None
     log_level: LogLevelName | None = None
+    resource_include_children: bool | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ExecuteRequest:
+    """The body of POST /sessions/{id}/execute."""
+
+    code: str
+    silent: bool = False
+    store_history: bool = True
+    stop_on_error: bool = True
+    timeout_seconds: float | None = None
+
+
+@attrs.frozen(kw_only=True)
+class StreamOutput:
+    stream_name: Literal["stdout", "stderr"]
+    text: str
+    type: Literal["stream"] = "stream"
+
+
+@attrs.frozen(kw_only=True)
+class DisplayDataOutput:
+    data: dict[str, Any]
+    metadata: dict[str, Any] | None = None
+    type: Literal["display_data"] = "display_data"
+
+
+@attrs.frozen(kw_only=True)
+class ErrorOutput:
+    error_name: str
+    error_message: str
+    error_traceback: list[str]
+    type: Literal["error"] = "error"
+
+
+ExecuteOutput = StreamOutput | DisplayDataOutput | ErrorOutput
+_OUTPUT_TYPES: dict[str, type] = {
+    "stream": StreamOutput, "display_data": DisplayDataOutput, "error": ErrorOutput,
+}
+
+
+@attrs.frozen(kw_only=True)
+class ExecuteResponse:
+    """What POST /execute answers (core.collector.ExecutionCollector.result builds it)."""
+
+    status: Literal["ok", "error"]
+    execution_count: int
+    output: list[ExecuteOutput]
+    data: dict[str, Any] | None = None
+    error_name: str | None = None
+    error_message: str | None = None
+    error_traceback: list[str] | None = None
 
 
 #: Every schema of kallichore.json, by its name there.
@@ -181,6 +292,17 @@ SCHEMAS: dict[str, type] = {
     "resourceUsage": ResourceUsage,
     "sessionList": SessionList,
     "serverConfiguration": ServerConfiguration,
+    # 0.1.69
+    "executeRequest": ExecuteRequest,
+    "executeResponse": ExecuteResponse,
+    "streamOutput": StreamOutput,
+    "displayDataOutput": DisplayDataOutput,
+    "errorOutput": ErrorOutput,
+    "historyEntry": HistoryEntry,
+    "historyError": HistoryError,
+    "mcpStatus": McpStatus,
+    "mcpWorkspace": McpWorkspace,
+    "mcpClient": McpClient,
 }
 
 
@@ -204,6 +326,21 @@ def _make_converter() -> cattrs.Converter:
     conv.register_structure_hook(str, _strict(str, "a string"))
     conv.register_structure_hook(int, _strict(int, "an integer"))
     conv.register_structure_hook(bool, _strict(bool, "a boolean"))
+
+    def number(value: Any, _: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"expected a number, got {type(value).__name__}")
+        return float(value)
+
+    conv.register_structure_hook(float, number)
+
+    def output(value: Any, _: Any) -> Any:
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind not in _OUTPUT_TYPES:
+            raise ValueError(f"an output's type must be one of {sorted(_OUTPUT_TYPES)}")
+        return conv.structure(value, _OUTPUT_TYPES[kind])
+
+    conv.register_structure_hook(ExecuteOutput, output)
     conv.register_structure_hook_func(
         lambda t: t == dict[str, Any], _strict(dict, "an object")
     )

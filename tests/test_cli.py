@@ -61,6 +61,9 @@ def sock_dir() -> Iterator[Path]:
         (["--busy-poll", "0"], {"busy_poll": 0.0}),
         (["--busy-poll", "0.5"], {"busy_poll": 0.0005}),
         (["--busy-poll", "100"], {"busy_poll": 0.1}),
+        ([], {"resource_include_children": True}),
+        (["--resource-include-children", "false"], {"resource_include_children": False}),
+        (["--resource-include-children", "True"], {"resource_include_children": True}),
     ],
 )
 def test_flags(argv: list[str], expected: dict[str, Any]) -> None:
@@ -128,7 +131,7 @@ def test_validation_errors_exit_1(
     "argv",
     [["--port", "70000"], ["--port", "x"], ["-i", "-1"], ["-r", "65536"], ["--bogus"],
      ["--busy-poll", "-1"], ["--busy-poll", "101"], ["--busy-poll", "nan"],
-     ["--busy-poll", "2ms"]],
+     ["--busy-poll", "2ms"], ["--resource-include-children", "yes"]],
 )
 def test_argparse_errors_exit_nonzero(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -197,7 +200,8 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ["--port", "-p", "--token", "-t", "--idle-shutdown-hours", "-i",
                  "--resource-sample-interval", "-r", "--log-level", "-l", "--log-file",
                  "--connection-file", "--handshake-socket", "--socket-dir", "--unix-socket",
-                 "--transport", "--busy-poll", "--version", "-V", "--help"]:
+                 "--transport", "--busy-poll", "--resource-include-children", "--version", "-V",
+                 "--help"]:
         assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", out), flag
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from kallichore_trio import models
 
-# A copy of the contract, ../shared/spec/kallichore.json.
+# A copy of the contract (Kallichore's OpenAPI document), with the 0.1.69 additions written in as
+# docs/differences.md describes them ("Execute and history").
 SPEC = json.loads((Path(__file__).parent / "data" / "kallichore.json").read_text())
 NOW = dt.datetime(2026, 3, 2, 16, 6, 1, 123456, tzinfo=dt.UTC)
 
@@ -34,10 +35,34 @@ EXAMPLES: dict[str, Any] = {
     "resourceUsage": models.ResourceUsage(3, 1000, 9, 1000, 1767225600000),
     "serverStatus": models.ServerStatus(
         sessions=1, active=1, busy=True, idle_seconds=0, busy_seconds=2, uptime_seconds=9,
-        version="0.1.68", process_id=7, started=NOW, server_id="id",
+        version="0.1.69", process_id=7, started=NOW, server_id="id",
     ),
-    "serverConfiguration": models.ServerConfiguration(4, 1000, "debug"),
+    "serverConfiguration": models.ServerConfiguration(4, 1000, "debug", False),
+    "executeRequest": models.ExecuteRequest(code="1+1", silent=True, store_history=False,
+                                            stop_on_error=False, timeout_seconds=2.5),
+    "streamOutput": models.StreamOutput(stream_name="stderr", text="x\n"),
+    "displayDataOutput": models.DisplayDataOutput(data={"text/plain": "1"},
+                                                  metadata={"isolated": True}),
+    "errorOutput": models.ErrorOutput(error_name="E", error_message="m",
+                                      error_traceback=["a", "b"]),
+    "historyError": models.HistoryError("ZeroDivisionError", "division by zero", ["t"]),
+    "mcpClient": models.McpClient(id=1, connected_at=NOW, name="claude", version="2",
+                                  pid=5, working_directory="/w", session_id="s"),
 }
+EXAMPLES["executeResponse"] = models.ExecuteResponse(
+    status="error", execution_count=3,
+    output=[EXAMPLES["streamOutput"], EXAMPLES["displayDataOutput"], EXAMPLES["errorOutput"]],
+    data={"text/plain": "2"}, error_name="E", error_message="m", error_traceback=["a", "b"],
+)
+EXAMPLES["historyEntry"] = models.HistoryEntry(
+    input="1/0", output="", timestamp=1767225600000, truncated=False,
+    error=EXAMPLES["historyError"], source="console", agent="claude",
+)
+EXAMPLES["mcpWorkspace"] = models.McpWorkspace(id="w", display_name="W", connected=True,
+                                               clients=[EXAMPLES["mcpClient"]])
+EXAMPLES["mcpStatus"] = models.McpStatus(active=True, port=4000, request_count=2,
+                                         workspaces=[EXAMPLES["mcpWorkspace"]])
+EXAMPLES["serverStatus"] = attrs.evolve(EXAMPLES["serverStatus"], mcp=EXAMPLES["mcpStatus"])
 EXAMPLES["activeSession"] = models.ActiveSession(
     session_id="s", argv=["python"], username="u", display_name="d", language="python",
     interrupt_mode="message", connected=False, started=NOW, session_mode="console",
@@ -45,6 +70,7 @@ EXAMPLES["activeSession"] = models.ActiveSession(
     execution_queue=EXAMPLES["execution_queue"], status="busy", kernel_info={"a": 1},
     idle_seconds=0, busy_seconds=1, initial_env={"A": "b"}, process_id=9,
     resource_usage=EXAMPLES["resourceUsage"], socket_path="/tmp/s.sock",
+    history=[EXAMPLES["historyEntry"]],
 )
 EXAMPLES["sessionList"] = models.SessionList(1, [EXAMPLES["activeSession"]])
 
@@ -65,6 +91,32 @@ def test_round_trip(name: str) -> None:
     spec = SPEC["components"]["schemas"][name]
     assert set(spec.get("required", [])) <= set(data)
     assert set(data) - set(spec.get("properties", {})) <= {"server_id", "run_in_shell"}
+
+
+def test_an_inactive_mcp_block_shows_a_null_port() -> None:
+    assert models.dump(models.inactive_mcp()) == {
+        "active": False, "port": None, "request_count": 0, "workspaces": []}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"code": 1},
+        {"code": "x", "timeout_seconds": "5"},
+        {"code": "x", "timeout_seconds": True},
+        {"code": "x", "silent": "yes"},
+        {"silent": True},
+    ],
+)
+def test_execute_request_types_are_strict(body: dict[str, Any]) -> None:
+    with pytest.raises(models.BodyError):
+        models.parse_body(json.dumps(body).encode(), models.ExecuteRequest, schema="ExecuteRequest")
+
+
+def test_an_execute_output_needs_a_known_type() -> None:
+    body = {"status": "ok", "execution_count": 1, "output": [{"type": "picture", "data": {}}]}
+    with pytest.raises(models.BodyError, match=r"\$\.output\[0\]"):
+        models.parse_body(json.dumps(body).encode(), models.ExecuteResponse, schema="R")
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))

@@ -19,7 +19,9 @@ from tests.conftest import RunningDaemon, daemon_config
 
 async def test_status_reports_the_server(daemon: RunningDaemon) -> None:
     status = (await daemon.client.get("/status", headers={"Authorization": ""})).json()
-    assert status["version"] == KALLICHORE_VERSION
+    assert status["version"] == KALLICHORE_VERSION == "0.1.69"
+    # No MCP server yet: the block says so (its port is null, not absent).
+    assert status["mcp"] == {"active": False, "port": None, "request_count": 0, "workspaces": []}
     assert status["server_id"] == daemon.config.server_id
     assert (status["sessions"], status["active"], status["busy"]) == (0, 0, False)
     for field in ("idle_seconds", "busy_seconds", "uptime_seconds", "process_id", "started"):
@@ -44,6 +46,11 @@ async def test_server_configuration_round_trip_and_validation(daemon: RunningDae
     assert bad.status_code == 400 and bad.json()["code"] == "400"
     bad = await client.post("/server_configuration", json={"idle_shutdown_hours": 70000})
     assert bad.json() == {"code": "400", "message": "idle_shutdown_hours is too large"}
+    assert config["resource_include_children"] is True
+    await client.post("/server_configuration", json={"resource_include_children": False})
+    assert (await client.get("/server_configuration")).json()["resource_include_children"] is False
+    bad = await client.post("/server_configuration", json={"resource_include_children": "no"})
+    assert bad.status_code == 400
 
 
 async def test_client_heartbeat_accepts_a_pid_and_rejects_a_bad_body(

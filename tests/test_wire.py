@@ -29,6 +29,7 @@ from kallichore_trio.wire import (
     client_disconnected_event,
     dumps,
     execution_queued_event,
+    execution_requested_event,
     exited_event,
     format_date,
     format_timestamp,
@@ -671,6 +672,26 @@ USAGE = (
             '{"kind":"kernel","handshakeCompleted":["s1",' + CONNECTION + "]}",
         ),
         (kernel_event_frame("exited", 2), '{"kind":"kernel","exited":2}'),
+        (
+            execution_requested_event(
+                msg_id="m7", code="print('é')\n", source="agent", workspace_id="ws-1",
+                tool="execute_code", agent_name="Claude Code", agent_version="2.1",
+                requested_at=datetime(2026, 3, 2, 16, 6, 1, 123456, tzinfo=UTC),
+            ),
+            '{"kind":"kernel","executionRequested":{"msg_id":"m7","code":"print(\'é\')\\n",'
+            '"requested_at":"2026-03-02T16:06:01.123Z","attribution":{"source":"agent",'
+            '"agent_name":"Claude Code","agent_version":"2.1","workspace_id":"ws-1",'
+            '"tool":"execute_code"}}}',
+        ),
+        (
+            execution_requested_event(
+                msg_id="m8", code="1", source="agent", workspace_id="ws-1", tool="evaluate_code",
+                requested_at=datetime(2026, 3, 2, 17, 6, 1, tzinfo=timezone(timedelta(hours=1))),
+            ),
+            '{"kind":"kernel","executionRequested":{"msg_id":"m8","code":"1",'
+            '"requested_at":"2026-03-02T16:06:01.000Z","attribution":{"source":"agent",'
+            '"workspace_id":"ws-1","tool":"evaluate_code"}}}',
+        ),
     ],
 )
 def test_kernel_event_serialisation(frame: str, spec: str) -> None:

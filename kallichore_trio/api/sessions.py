@@ -14,11 +14,13 @@ from kallichore_trio.api.responses import (
 )
 from kallichore_trio.models import (
     ConnectionInfo,
+    ExecuteRequest,
     NewSession,
     NewSessionResponse,
     RestartSession,
     SessionList,
 )
+from kallichore_trio.session import executions
 
 if TYPE_CHECKING:
     from kallichore_trio.daemon import Daemon
@@ -92,3 +94,16 @@ def register(app: Quart, daemon: Daemon) -> None:
     async def connection_info(session_id: str) -> Response:
         return json_response(registry.get(session_id).get_connection_info())
 
+
+    @app.post("/sessions/<session_id>/execute")
+    @auth
+    async def execute(session_id: str) -> Response:
+        session = registry.get(session_id)
+        body = await read_body(ExecuteRequest, "ExecuteRequest")
+        result = await executions.execute(session, body.value)
+        return with_warning(json_response(result), body.ignored)
+
+    @app.get("/sessions/<session_id>/history")
+    @auth
+    async def history(session_id: str) -> Response:
+        return json_response(list(registry.get(session_id).executions.history))

@@ -9,6 +9,7 @@ and a lost iopub status cannot stall the queue. See docs/differences.md.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -25,6 +26,8 @@ class ExecutionQueue:
     capacity: int = 10_000
     active: ClientMessage | None = None
     pending: deque[ClientMessage] = attrs.field(factory=deque)
+    #: Told of the requests `clear` lets go of (so that whoever follows them can stop).
+    on_dropped: Callable[[list[ClientMessage]], None] = lambda dropped: None
 
     def submit(self, request: ClientMessage) -> bool:
         """Take an execute_request; True if it should be sent now, False if it was queued."""
@@ -48,6 +51,8 @@ class ExecutionQueue:
         dropped = ([self.active] if self.active is not None else []) + list(self.pending)
         self.active = None
         self.pending.clear()
+        if dropped:
+            self.on_dropped(dropped)
         return dropped
 
     def to_dict(self) -> dict[str, Any]:

@@ -49,10 +49,12 @@ def descendants(root: int) -> list[int]:
 
 
 class ProcessTreeSampler:
-    """Samples one kernel's process tree; keep one per kernel pid."""
+    """Samples one kernel's process tree (or, with `include_children` false, the kernel's own
+    process only); keep one per kernel pid."""
 
-    def __init__(self, root: int) -> None:
+    def __init__(self, root: int, *, include_children: bool = True) -> None:
         self.root = root
+        self.include_children = include_children
         self._procs: dict[int, psutil.Process] = {}
         self._samples = 0
 
@@ -60,7 +62,7 @@ class ProcessTreeSampler:
         return f"<ProcessTreeSampler root={self.root} processes={len(self._procs)}>"
 
     def _refresh(self) -> None:
-        pids = descendants(self.root)
+        pids = descendants(self.root) if self.include_children else [self.root]
         for pid in list(self._procs):
             if pid not in pids:
                 del self._procs[pid]

@@ -42,6 +42,7 @@ from kallichore_trio.models import (
     ActiveSession,
     ConnectionInfo,
     ExecutionQueueModel,
+    HistoryEntry,
     NewSession,
     ResourceUsage,
     Status,
@@ -59,6 +60,7 @@ from kallichore_trio.session.connection import (
     uses_handshake,
     write_kernel_connection_file,
 )
+from kallichore_trio.session.executions import Executions
 from kallichore_trio.session.kernel import Kernel, LaunchPlan
 from kallichore_trio.session.outbox import Outbox
 from kallichore_trio.session.queue import ExecutionQueue, QueueFull
@@ -138,7 +140,9 @@ class KernelSession:
         self.protocol_version = model.protocol_version or "5.3"
         self.created = dt.datetime.now(dt.UTC)
         self.state = SessionState(idle_since=trio.current_time())
-        self.queue = ExecutionQueue()
+        #: Executions followed for the history and for POST /execute (executions.py).
+        self.executions = Executions()
+        self.queue = ExecutionQueue(on_dropped=self.executions.dropped)
         self.outbox = Outbox(max_frames=config.outbox.max_frames,
                              max_bytes=config.outbox.max_bytes)
         self.working_directory = model.working_directory
@@ -224,6 +228,8 @@ class KernelSession:
             return
         if new == "exited":
             self.queue.clear()
+            self.executions.kernel_exited()
+        self.executions.status_changed()
         self.emit(wire.status_event(new, reason))
         if new in IDLE_LIKE:
             self.on_activity()
@@ -243,7 +249,11 @@ class KernelSession:
             droppable = msg_type in _DROPPABLE_IOPUB
         elif channel == "shell" and msg.msg_type == "execute_reply":
             due = self.queue.finished(msg.parent_msg_id)
+        if self.executions.followed:  # nothing more for a message while nothing is followed
+            self.executions.observe(msg)
         self.emit(wire.relay_frame(msg, channel), droppable=droppable)
+        if due is not None:
+            self.executions.sent(due.msg_id)  # the caller sends it now
         return due
 
     def _on_status(self, msg: wire.KernelMessage) -> wire.ClientMessage | None:
@@ -310,15 +320,18 @@ class KernelSession:
         """A client message on its way to the kernel, through the execution queue."""
         self.on_traffic()
         if msg.msg_type == "execute_request" and _has_code(msg):
+            self.executions.requested(msg)
             try:
                 send_now = self.queue.submit(msg)
             except QueueFull as exc:
                 log.warning("session %s: dropped execute_request %s: %s",
                             self.session_id, msg.msg_id, exc)
+                self.executions.dropped([msg])
                 return
             if not send_now:
                 self.emit(wire.execution_queued_event(msg.msg_id))
                 return
+            self.executions.sent(msg.msg_id)
         elif msg.msg_type in ("interrupt_request", "shutdown_request"):
             self.queue.clear()
         await self._send(msg)
@@ -730,6 +743,7 @@ class KernelSession:
             idle_seconds=self.state.idle_seconds(now),
             busy_seconds=self.state.busy_seconds(now),
             socket_path=self.socket_path if self.connected else None,
+            history=converter.structure(self.executions.recent(3), list[HistoryEntry]),
         )
 
 

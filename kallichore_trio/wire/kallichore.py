@@ -11,11 +11,12 @@ import base64
 import binascii
 import json
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 import attrs
 
-from kallichore_trio.wire.jupyter import KernelMessage
+from kallichore_trio.wire.jupyter import KernelMessage, format_date
 
 CLIENT_CHANNELS = frozenset({"shell", "control", "stdin"})
 
@@ -29,6 +30,7 @@ KERNEL_EVENTS = frozenset(
         "clientDisconnected",
         "exited",
         "handshakeCompleted",
+        "executionRequested",
     }
 )
 
@@ -186,7 +188,7 @@ _encode_event = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).enco
 
 
 def kernel_event_frame(event: str, payload: Any) -> str:
-    """``{"kind":"kernel","<event>":<payload>}`` for one of the eight ``KERNEL_EVENTS``.
+    """``{"kind":"kernel","<event>":<payload>}`` for one of the ``KERNEL_EVENTS``.
 
     Non-ASCII text is kept as is (as serde_json writes it); payload strings must be valid
     Unicode, so decode process output with ``errors="replace"``.
@@ -229,3 +231,32 @@ def exited_event(code: int) -> str:
 
 def handshake_completed_event(session_id: str, connection_info: Mapping[str, Any]) -> str:
     return kernel_event_frame("handshakeCompleted", [session_id, dict(connection_info)])
+
+
+def execution_requested_event(
+    *,
+    msg_id: str,
+    code: str,
+    requested_at: datetime,
+    source: str,
+    workspace_id: str,
+    tool: str,
+    agent_name: str | None = None,
+    agent_version: str | None = None,
+) -> str:
+    """Sent to a session's client before an agent's execution is queued, so that the console
+    can show code it did not send itself (docs/differences.md, "Execute and history").
+    `requested_at` is written as RFC 3339 in UTC; absent agent fields are left out."""
+    attribution: dict[str, Any] = {"source": source}
+    if agent_name is not None:
+        attribution["agent_name"] = agent_name
+    if agent_version is not None:
+        attribution["agent_version"] = agent_version
+    attribution["workspace_id"] = workspace_id
+    attribution["tool"] = tool
+    return kernel_event_frame("executionRequested", {
+        "msg_id": msg_id,
+        "code": code,
+        "requested_at": format_date(requested_at),
+        "attribution": attribution,
+    })
