@@ -11,6 +11,7 @@ import argparse
 import importlib.metadata
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -85,6 +86,19 @@ def _poll_ms(text: str) -> float:
     return value
 
 
+def _origin(text: str) -> str:
+    """An origin as browsers serialize it in the Origin header: `scheme://host[:port]`,
+    lowercase, no path. `null` (sandboxed and file: pages) is refused: any page can send it."""
+    value = text.strip().lower()
+    scheme, sep, rest = value.partition("://")
+    if (not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or not rest
+            or not rest.isascii() or any(c in rest for c in "/?#@ ")):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not an origin; expected scheme://host[:port], e.g. "
+            "http://localhost:3000")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kcserver",
@@ -117,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--transport", metavar="tcp|socket",
         help="API transport (default: socket with --connection-file, --handshake-socket or "
              "--unix-socket, else tcp)")
+    add("--allow-origin", action="append", type=_origin, default=[], metavar="ORIGIN",
+        help="let web pages from ORIGIN (scheme://host[:port]) call the API and open channels; "
+             "repeatable. Default: none, every request carrying an Origin header is refused")
     add("--busy-poll", type=_poll_ms, metavar="MS",
         help="keep polling for MS ms after each relayed message instead of letting the CPU "
              "idle: lower latency for a little CPU (0 = off; default 2, or 0 on one CPU)")
@@ -218,6 +235,7 @@ def config_from_args(
         resource_sample_interval_ms=ns.resource_sample_interval,
         log_level=level,
         log_file=_absolute(ns.log_file),
+        allowed_origins=frozenset(ns.allow_origin),
         **kwargs,
     )
 

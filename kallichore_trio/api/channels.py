@@ -2,8 +2,9 @@
 
 TCP: a WebSocket upgrade on the API port, accepted by Quart and then served by `wsconn` on the
 TCP stream Hypercorn hands over (api.hypercorn_ext). Socket transport: the call returns
-the path of a per-session Unix socket that accepts a WebSocket (with an HTTP upgrade on any
-path, or raw framing) and serves it with `wsconn`.
+the path of a per-session Unix socket that accepts a WebSocket (an HTTP upgrade on any path,
+carrying the bearer token) and serves it with `wsconn`. Both upgrades are authorized before
+anything else (the guard hooks of api/__init__.py and wsconn's `authorize`, security.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import trio
 from quart import Quart, Response, websocket
 
 from kallichore_trio.api.hypercorn_ext import EXTENSION
-from kallichore_trio.api.responses import authenticated, error_response, json_response
+from kallichore_trio.api.responses import error_response, json_response
 from kallichore_trio.errors import SessionNotFound, SocketPathError
+from kallichore_trio.security import session_socket_check
 from kallichore_trio.session.session import KernelSession
 from kallichore_trio.wsconn import (
     ClientConnection,
@@ -63,7 +65,6 @@ def register(app: Quart, daemon: Daemon) -> None:
         return None
 
     @app.get("/sessions/<session_id>/channels")
-    @authenticated(daemon.config.token)
     async def channels_socket(session_id: str) -> Response:
         session = registry.get(session_id)
         if daemon.config.transport != "socket":
@@ -96,7 +97,8 @@ async def open_session_socket(daemon: Daemon, session: KernelSession) -> os.Path
         with trio.CancelScope() as scope:
             daemon.socket_listeners[session.session_id] = scope
             await serve_unix_socket(
-                path, handler, sniff_timeout=daemon.config.timeouts.socket_sniff,
+                path, handler, authorize=session_socket_check(daemon.config),
+                handshake_timeout=daemon.config.timeouts.socket_handshake,
                 task_status=task_status,
             )
 
