@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def create_app(daemon: Daemon) -> QuartTrio:
-    app = QuartTrio("kallichore_trio")
+    # No static folder: the API serves no files, and a route that could is one too many.
+    app = QuartTrio("kallichore_trio", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = 256 * 1024 * 1024
     app.config["BODY_TIMEOUT"] = 60
     sessions.register(app, daemon)
