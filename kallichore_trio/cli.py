@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shlex
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -282,6 +283,7 @@ def setup_logging(level: LogLevel, log_file: Path | None) -> list[logging.Handle
     handlers: list[logging.Handler] = [out, errs]
     if log_file is not None:
         try:
+            _create_private(log_file)
             handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
         except OSError as exc:
             raise UsageError(f"could not open the log file '{log_file}': {exc}") from exc
@@ -291,6 +293,18 @@ def setup_logging(level: LogLevel, log_file: Path | None) -> list[logging.Handle
         handler.setFormatter(formatter)
         root.addHandler(handler)
     return handlers
+
+
+def _create_private(path: Path) -> None:
+    """Create (or truncate) path readable by its owner only: the log names sessions, kernel
+    command lines and working directories. A path that is not a regular file (/dev/stderr)
+    keeps its mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def teardown_logging(handlers: list[logging.Handler]) -> None:
