@@ -37,7 +37,8 @@ def create_app(daemon: Daemon) -> QuartTrio:
     policy = policy_for(daemon.config, tcp=daemon.config.transport == "tcp")
 
     def refused(refusal: Refusal, what: str) -> Response:
-        # Never the headers: a wrong token may be a real one (another server's).
+        # Never the headers: a wrong token may be a real one (another server's). The path
+        # as repr, so that a client cannot forge log lines with an encoded newline.
         log.warning("refused %s: %s", what, refusal.reason)
         if refusal.status == 401:
             return empty(401)
@@ -50,13 +51,13 @@ def create_app(daemon: Daemon) -> QuartTrio:
         refusal = check_request(policy, request.headers.items(),
                                 token_required=requires_token(request.method, request.path))
         return None if refusal is None else refused(
-            refusal, f"{request.method} {request.path}")
+            refusal, f"{request.method} {request.path!r}")
 
     @app.before_websocket
     async def guard_websocket() -> Response | None:
         refusal = check_request(policy, websocket.headers.items(), token_required=True)
         return None if refusal is None else refused(
-            refusal, f"WebSocket upgrade {websocket.path}")
+            refusal, f"WebSocket upgrade {websocket.path!r}")
 
     @app.errorhandler(KallichoreError)
     async def kallichore_error(exc: KallichoreError) -> Response:
