@@ -89,7 +89,8 @@ async def main() -> None:
             await http.put("/sessions", json=new_session_body("rtt"))
             await http.post("/sessions/rtt/start")
             stream = await trio.open_tcp_stream("127.0.0.1", address.port)
-            ws = await RawWebSocket.connect(stream, "/sessions/rtt/channels")
+            ws = await RawWebSocket.connect(stream, "/sessions/rtt/channels",
+                                            token=config.token)
             legs: dict[str, list[float]] = {leg: [] for leg in LEGS}
             for run in range(120):
                 marks.clear()

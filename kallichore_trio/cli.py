@@ -11,7 +11,9 @@ import argparse
 import importlib.metadata
 import logging
 import os
+import re
 import shlex
+import stat
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -92,6 +94,19 @@ def _poll_ms(text: str) -> float:
     return value
 
 
+def _origin(text: str) -> str:
+    """An origin as browsers serialize it in the Origin header: `scheme://host[:port]`,
+    lowercase, no path. `null` (sandboxed and file: pages) is refused: any page can send it."""
+    value = text.strip().lower()
+    scheme, sep, rest = value.partition("://")
+    if (not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or not rest
+            or not rest.isascii() or any(c in rest for c in "/?#@ ")):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not an origin; expected scheme://host[:port], e.g. "
+            "http://localhost:3000")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kcserver",
@@ -126,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--transport", metavar="tcp|socket",
         help="API transport (default: socket with --connection-file, --handshake-socket or "
              "--unix-socket, else tcp)")
+    add("--allow-origin", action="append", type=_origin, default=[], metavar="ORIGIN",
+        help="let web pages from ORIGIN (scheme://host[:port]) call the API and open channels; "
+             "repeatable. Default: none, every request carrying an Origin header is refused")
     add("--busy-poll", type=_poll_ms, metavar="MS",
         help="keep polling for MS ms after each relayed message instead of letting the CPU "
              "idle: a little lower latency for up to a core of CPU while traffic flows "
@@ -229,6 +247,7 @@ def config_from_args(
         resource_include_children=ns.resource_include_children,
         log_level=level,
         log_file=_absolute(ns.log_file),
+        allowed_origins=frozenset(ns.allow_origin),
         **kwargs,
     )
 
@@ -275,6 +294,7 @@ def setup_logging(level: LogLevel, log_file: Path | None) -> list[logging.Handle
     handlers: list[logging.Handler] = [out, errs]
     if log_file is not None:
         try:
+            _create_private(log_file)
             handlers.append(logging.FileHandler(log_file, mode="w", encoding="utf-8"))
         except OSError as exc:
             raise UsageError(f"could not open the log file '{log_file}': {exc}") from exc
@@ -284,6 +304,18 @@ def setup_logging(level: LogLevel, log_file: Path | None) -> list[logging.Handle
         handler.setFormatter(formatter)
         root.addHandler(handler)
     return handlers
+
+
+def _create_private(path: Path) -> None:
+    """Create (or truncate) path readable by its owner only: the log names sessions, kernel
+    command lines and working directories. A path that is not a regular file (/dev/stderr)
+    keeps its mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def teardown_logging(handlers: list[logging.Handler]) -> None:

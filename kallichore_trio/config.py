@@ -54,8 +54,8 @@ class Timeouts:
     client_ping: float = 10.0
     #: What `idle_shutdown_hours: 0` means: shut down this long after everything went idle.
     idle_zero_hours: float = 30.0
-    #: How long a per-session socket waits for "GET " before assuming raw WebSocket framing.
-    socket_sniff: float = 5.0
+    #: How long a client of a per-session socket has to send its whole HTTP upgrade request.
+    socket_handshake: float = 10.0
     #: Connecting to the client's --handshake-socket and writing the connection document.
     handshake: float = 10.0
     #: POST /execute: how long a kernel still `starting` is waited for.
@@ -94,8 +94,11 @@ class Config:
     unix_socket: Path | None = None
     #: Directory for generated sockets (main and per-session); None = XDG runtime dir or tmp.
     socket_dir: Path | None = None
-    #: Bearer token; None disables authentication (`--token none`).
+    #: Bearer token; None disables authentication (`--token none`), not the Origin and Host
+    #: checks (security.py).
     token: str | None = attrs.field(factory=new_token)
+    #: `Origin` values allowed (`--allow-origin`); any other Origin is refused (security.py).
+    allowed_origins: frozenset[str] = frozenset()
     connection_file: Path | None = None
     handshake_socket: Path | None = None
     #: None disables idle shutdown; 0 means "about 30 seconds".

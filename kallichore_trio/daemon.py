@@ -213,7 +213,7 @@ def _bind_socket(config: Config) -> tuple[socket.socket, ServerAddress, Path | N
     """Bind the API socket ourselves so that its mode is 0600 before anyone can connect."""
     if config.transport == "socket":
         path = config.unix_socket or main_socket_path(config, os.getpid())
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(str(path))

@@ -1,10 +1,12 @@
 """Server-side WebSocket connections over any Trio stream, for the per-session Unix sockets.
 
 The socket transport gives every session its own Unix socket (spec §2.1). A client connecting to
-it either starts with an HTTP/1.1 upgrade request on any path (Positron's
-`ws+unix://<path>:/api/channels/<id>`) or, if the first bytes are not `GET ` or nothing arrives
-for `sniff_timeout`, speaks raw WebSocket framing with no handshake at all. wsproto covers both:
-`WSConnection` for the handshake, `wsproto.connection.Connection` for the framing.
+it starts with an HTTP/1.1 upgrade request on any path (Positron's
+`ws+unix://<path>:/api/channels/<id>`) carrying the bearer token; the `authorize` check
+(security.py) decides before anything else. A connection that does not start with `GET `, or
+does not finish its request within the handshake timeout, is closed: the reference also accepts
+raw WebSocket framing with no handshake, which can carry no token (docs/security.md).
+wsproto's `WSConnection` does the handshake, `wsproto.connection.Connection` the framing.
 
 `ClientConnection` is the interface the channel code uses for every client, TCP or Unix.
 """
@@ -17,9 +19,11 @@ import socket as stdlib_socket
 import stat
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import h11
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection, ConnectionState
@@ -36,8 +40,14 @@ from wsproto.events import (
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from kallichore_trio.security import Refusal
+
 if TYPE_CHECKING:
     from kallichore_trio.config import Config
+
+#: Decides on an upgrade request from its headers (name, value pairs, names lowercase): None
+#: to accept, or the Refusal to answer (security.check_request under a policy).
+Authorize = Callable[[list[tuple[bytes, bytes]]], Refusal | None]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 class ClientGone(Exception):
     """The WebSocket peer has gone away (closed, reset, or the connection is unusable)."""
+
+
+class UpgradeRefused(ClientGone):
+    """The connection was not let in: no HTTP upgrade request, or `authorize` refused it."""
 
 
 class SocketPathTooLong(ValueError):
@@ -314,14 +328,41 @@ async def _read_request_head(stream: trio.abc.Stream, buf: bytearray) -> int:
         buf += data
 
 
-async def _upgrade(stream: trio.abc.Stream, buf: bytearray) -> Connection:
-    """Answer an HTTP/1.1 WebSocket upgrade request (any path, Host or auth) with 101."""
+def _request_headers(head: bytes) -> list[tuple[bytes, bytes]] | None:
+    """The headers of an HTTP request head, None if it does not parse. Parsed apart from the
+    WebSocket handshake so that authorization is decided before the handshake is validated."""
+    parser = h11.Connection(h11.SERVER)
+    try:
+        parser.receive_data(head)
+        event = parser.next_event()
+    except h11.RemoteProtocolError:
+        return None
+    if not isinstance(event, h11.Request):
+        return None
+    return [(bytes(name), bytes(value)) for name, value in event.headers]
+
+
+async def _upgrade(stream: trio.abc.Stream, buf: bytearray, authorize: Authorize) -> Connection:
+    """Answer an HTTP/1.1 WebSocket upgrade request (any path, any Host) with 101, once
+    `authorize` let it in; its refusal is answered and raised as UpgradeRefused."""
     head_end = await _read_request_head(stream, buf)
+    head = bytes(buf[:head_end])
+    headers = _request_headers(head)
+    refusal = (Refusal(400, "malformed HTTP request") if headers is None
+               else authorize(headers))
+    if refusal is not None:
+        try:
+            await stream.send_all(refusal_response(refusal.status, refusal.reason))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        # Never the headers: they may hold a token (a wrong one may be a real one).
+        log.warning("refused a WebSocket upgrade on a session socket: %s", refusal.reason)
+        raise UpgradeRefused(refusal.reason)
     handshake = WSConnection(ConnectionType.SERVER)
     try:
         # Only the request head goes to h11: bytes after it are already WebSocket frames, and
         # wsproto would otherwise keep them in h11's buffer and lose them.
-        handshake.receive_data(bytes(buf[:head_end]))
+        handshake.receive_data(head)
         events = list(handshake.events())
     except RemoteProtocolError as exc:
         await _reject(stream, handshake, exc)
@@ -335,6 +376,18 @@ async def _upgrade(stream: trio.abc.Stream, buf: bytearray) -> Connection:
     if rest:
         ws.receive_data(rest)
     return ws
+
+
+def refusal_response(status: int, reason: str) -> bytes:
+    """The HTTP response refusing an upgrade: an empty body for 401 (as the API answers), else
+    the reason as text. Written out whole: it does not depend on the request being a valid
+    WebSocket upgrade, which is only looked at once the request is let in."""
+    body = b"" if status == 401 else reason.encode("utf-8")
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+             f"content-length: {len(body)}", "connection: close"]
+    if body:
+        lines.append("content-type: text/plain; charset=utf-8")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + body
 
 
 async def _reject(
@@ -352,28 +405,27 @@ async def _reject(
 async def accept_websocket(
     stream: trio.abc.Stream,
     *,
-    sniff_timeout: float,
+    authorize: Authorize,
     handshake_timeout: float = 10.0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> WsprotoConnection:
     """Turn a freshly accepted stream into a server WebSocket (spec §2.1).
 
-    Waits up to `sniff_timeout` for 4 bytes: `GET ` means an HTTP upgrade handshake (bounded by
-    `handshake_timeout`); anything else, or silence, means raw WebSocket framing with no
-    handshake, starting with the bytes already read. Raises ClientGone if the peer leaves first.
+    The client must send an HTTP upgrade request within `handshake_timeout`, and `authorize`
+    must let it in (its refusal is answered with the status it names). Anything else, raw
+    WebSocket framing included, is refused: UpgradeRefused, or ClientGone if the peer left.
     """
     buf = bytearray()
     try:
-        with trio.move_on_after(sniff_timeout):
+        with trio.fail_after(handshake_timeout):
             if not await _read_at_least(stream, buf, 4):
                 raise ClientGone("peer closed before sending anything")
-        if buf[:4] == b"GET ":
-            with trio.fail_after(handshake_timeout):
-                ws = await _upgrade(stream, buf)
-        else:
-            ws = Connection(ConnectionType.SERVER, trailing_data=bytes(buf))
+            if buf[:4] != b"GET ":
+                raise UpgradeRefused("the connection did not start with an HTTP upgrade "
+                                     "request (raw WebSocket framing is not accepted)")
+            ws = await _upgrade(stream, buf, authorize)
     except trio.TooSlowError as exc:
-        raise ClientGone("timed out in the WebSocket upgrade handshake") from exc
+        raise UpgradeRefused("no HTTP upgrade request within the handshake timeout") from exc
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise ClientGone(f"peer went away during the WebSocket handshake: {exc!r}") from exc
     return WsprotoConnection(stream, ws, max_message_bytes=max_message_bytes)
@@ -420,10 +472,12 @@ async def serve_unix_socket(
     path: Path,
     handler: Callable[[ClientConnection], Awaitable[None]],
     *,
-    sniff_timeout: float,
+    authorize: Authorize,
+    handshake_timeout: float,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on a Unix socket at path (mode 0600) and run handler(conn) per WebSocket client.
+    """Listen on a Unix socket at path (mode 0600) and run handler(conn) per WebSocket client
+    that `authorize` lets in (accept_websocket).
 
     A failure in one connection is logged and never stops the listener. Cancelling this task
     ends the open connections too (they live in its nursery) and removes the socket file, unless
@@ -454,7 +508,8 @@ async def serve_unix_socket(
                     log.warning("Accept failed on %s: %s", path, exc)
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(_serve_one, stream, handler, sniff_timeout, path)
+                nursery.start_soon(_serve_one, stream, handler, authorize,
+                                   handshake_timeout, path)
     finally:
         # The file goes first, with no checkpoint before it (see _remove_own_socket).
         _remove_own_socket(path, ident)
@@ -464,12 +519,14 @@ async def serve_unix_socket(
 async def _serve_one(
     stream: trio.SocketStream,
     handler: Callable[[ClientConnection], Awaitable[None]],
-    sniff_timeout: float,
+    authorize: Authorize,
+    handshake_timeout: float,
     path: Path,
 ) -> None:
     conn: WsprotoConnection | None = None
     try:
-        conn = await accept_websocket(stream, sniff_timeout=sniff_timeout)
+        conn = await accept_websocket(stream, authorize=authorize,
+                                      handshake_timeout=handshake_timeout)
         await handler(conn)
     except ClientGone as exc:
         log.debug("Client on %s left: %s", path, exc)

@@ -13,6 +13,10 @@ import wsproto
 from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 
 
+def auth_headers(token: str | None) -> list[tuple[str, str]]:
+    return [] if token is None else [("Authorization", f"Bearer {token}")]
+
+
 class RawWebSocket:
     def __init__(self, stream: trio.abc.Stream, *, answer_pings: bool = True) -> None:
         self.stream = stream
@@ -24,11 +28,13 @@ class RawWebSocket:
         self._parts: list[str] = []
 
     @classmethod
-    async def connect(cls, stream: trio.abc.Stream, target: str, *,
+    async def connect(cls, stream: trio.abc.Stream, target: str, *, token: str | None,
                       extensions: list[Any] | None = None,
                       answer_pings: bool = True) -> RawWebSocket:
+        """Upgrade with `Authorization: Bearer <token>` (none when token is None)."""
         self = cls(stream, answer_pings=answer_pings)
-        request = Request(host="localhost", target=target, extensions=extensions or [])
+        request = Request(host="localhost", target=target, extensions=extensions or [],
+                          extra_headers=auth_headers(token))
         await stream.send_all(self.ws.send(request))
         while self.accepted is None:
             data = await stream.receive_some(65536)

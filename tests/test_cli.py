@@ -356,7 +356,40 @@ def test_main_end_to_end_with_fake_daemon(
     assert "main-token" not in captured.out + captured.err
     assert "main-token" not in log_file.read_text()
     assert "[INFO]" in log_file.read_text()
+    assert log_file.stat().st_mode & 0o777 == 0o600
     assert not token_file.exists()
+
+
+def test_an_existing_log_file_is_made_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log_file = tmp_path / "k.log"
+    log_file.write_text("old run\n")
+    log_file.chmod(0o644)
+    monkeypatch.setattr(cli, "_load_daemon", lambda: fake_daemon(TCP))
+    assert cli.main(["--token", "none", "--log-file", str(log_file)]) == 0
+    assert log_file.stat().st_mode & 0o777 == 0o600
+    assert "old run" not in log_file.read_text()
+
+
+@pytest.mark.parametrize(("origins", "allowed"), [
+    ([], frozenset()),
+    (["--allow-origin", "http://localhost:3000"], frozenset({"http://localhost:3000"})),
+    (["--allow-origin", "HTTP://LocalHost:3000", "--allow-origin", "vscode-webview://abc"],
+     frozenset({"http://localhost:3000", "vscode-webview://abc"})),
+])
+def test_allow_origin(origins: list[str], allowed: frozenset[str]) -> None:
+    assert parse(*origins).allowed_origins == allowed
+
+
+@pytest.mark.parametrize("bad", ["null", "*", "localhost:3000", "http://", "http://x/",
+                                 "http://x/path", "http://user@x", "1http://x"])
+def test_allow_origin_rejects_what_is_not_an_origin(
+    bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        parse("--allow-origin", bad)
+    assert "is not an origin" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("flag", "logged"), [

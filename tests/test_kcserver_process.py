@@ -272,7 +272,8 @@ async def test_kernel_through_the_process_over_socket_transport(short_dir: Path)
             assert (channel_path.stat().st_mode & 0o777) == 0o600
 
             transport = httpx.AsyncHTTPTransport(uds=str(channel_path))
-            async with httpx.AsyncClient(transport=transport) as ws_http:
+            auth = {"Authorization": f"Bearer {server.doc['bearer_token']}"}
+            async with httpx.AsyncClient(transport=transport, headers=auth) as ws_http:
                 url = f"http://localhost/api/channels/{session_id}"
                 async with aconnect_ws(url, ws_http) as ws:
                     msg_id = "m-1"

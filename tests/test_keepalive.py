@@ -20,7 +20,7 @@ from wsproto.extensions import PerMessageDeflate
 
 from tests.conftest import RunningDaemon, _daemon, daemon_config
 from tests.lifecycle_helpers import open_channel, session_json, stream_text
-from tests.raw_ws import RawWebSocket
+from tests.raw_ws import RawWebSocket, auth_headers
 from tests.test_end_to_end import execute_request, is_idle_for
 
 PING_PERIOD = 0.1
@@ -42,7 +42,8 @@ async def started(daemon: RunningDaemon) -> str:
 
 async def connect(daemon: RunningDaemon, session_id: str, **kwargs: object) -> RawWebSocket:
     stream = await trio.open_tcp_stream("127.0.0.1", daemon.address.port)
-    return await RawWebSocket.connect(stream, f"/sessions/{session_id}/channels", **kwargs)
+    return await RawWebSocket.connect(stream, f"/sessions/{session_id}/channels",
+                                      token=daemon.config.token, **kwargs)
 
 
 async def wait_connected(daemon: RunningDaemon, session_id: str, want: bool) -> None:
@@ -127,7 +128,8 @@ async def test_a_request_sent_with_the_upgrade_is_answered(daemon: RunningDaemon
     stream = await trio.open_tcp_stream("127.0.0.1", daemon.address.port)
     async with stream:
         ws = RawWebSocket(stream)
-        request = ws.ws.send(Request(host="localhost", target=f"/sessions/{session_id}/channels"))
+        request = ws.ws.send(Request(host="localhost", target=f"/sessions/{session_id}/channels",
+                                     extra_headers=auth_headers(daemon.config.token)))
         msg_id = "sent-with-the-upgrade"
         frame = Connection(ConnectionType.CLIENT).send(
             TextMessage(data=json.dumps(execute_request("6*7", msg_id))))

@@ -266,7 +266,8 @@ async def test_listener_cleanup_spares_a_socket_that_reuses_its_inode(
         await conn.receive_text()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(wsconn.serve_unix_socket, path, idle, sniff_timeout=5.0))
+        await nursery.start(partial(wsconn.serve_unix_socket, path, idle,
+                                    authorize=lambda headers: None, handshake_timeout=5.0))
         os.link(path, keep)
         path.unlink()  # the next listener's takeover (remove_stale_socket) ...
         nursery.cancel_scope.cancel()  # ... and the old listener told to stop

@@ -37,7 +37,7 @@ async def test_a_kernel_over_the_unix_socket_transport(tmp_path: Path) -> None:
             assert stat.S_IMODE(Path(channel_path).stat().st_mode) == 0o600
 
             ws = await RawWebSocket.connect(await trio.open_unix_socket(channel_path),
-                                           f"/api/channels/{session_id}")
+                                           f"/api/channels/{session_id}", token=TOKEN)
             msg_id = uuid.uuid4().hex
             await ws.send_text(json.dumps(execute_request("print('over a socket')", msg_id)))
             out = ""

@@ -19,6 +19,7 @@ import attrs
 import httpx
 import pytest
 import trio
+import trio.testing
 from httpx_ws import aconnect_ws
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
@@ -35,6 +36,7 @@ from wsproto.events import (
 
 from kallichore_trio import server_info
 from kallichore_trio.config import Config
+from kallichore_trio.security import Policy, Refusal, check_request
 from kallichore_trio.server_info import (
     HandshakeError,
     connection_document,
@@ -46,6 +48,8 @@ from kallichore_trio.wsconn import (
     ClientConnection,
     ClientGone,
     SocketPathTooLong,
+    UpgradeRefused,
+    accept_websocket,
     default_socket_dir,
     main_socket_path,
     serve_unix_socket,
@@ -64,6 +68,13 @@ def sock_dir() -> Iterator[Path]:
 
 
 Handler = Callable[[ClientConnection], Awaitable[None]]
+TOKEN = "wsconn-token"
+AUTH = [("Authorization", f"Bearer {TOKEN}")]
+POLICY = Policy(token=TOKEN)
+
+
+def authorize(headers: list[tuple[bytes, bytes]]) -> Refusal | None:
+    return check_request(POLICY, headers)
 
 
 async def echo(conn: ClientConnection) -> None:
@@ -72,17 +83,18 @@ async def echo(conn: ClientConnection) -> None:
 
 
 @asynccontextmanager
-async def serving(path: Path, handler: Handler, sniff: float = 5.0) -> AsyncIterator[Path]:
+async def serving(path: Path, handler: Handler, handshake: float = 5.0) -> AsyncIterator[Path]:
     async with trio.open_nursery() as nursery:
         bound = await nursery.start(
-            partial(serve_unix_socket, path, handler, sniff_timeout=sniff)
+            partial(serve_unix_socket, path, handler, authorize=authorize,
+                    handshake_timeout=handshake)
         )
         yield bound
         nursery.cancel_scope.cancel()
 
 
 class Client:
-    """A minimal WebSocket client on wsproto: handshake or raw framing."""
+    """A minimal WebSocket client on wsproto: handshake (with the token) or raw framing."""
 
     def __init__(self, stream: trio.SocketStream, ws: WSConnection | Connection) -> None:
         self.stream = stream
@@ -94,7 +106,8 @@ class Client:
                       trailing: bytes = b"") -> Client:
         stream = await trio.open_unix_socket(path)
         ws = WSConnection(ConnectionType.CLIENT)
-        await stream.send_all(ws.send(Request(host="localhost", target=target)) + trailing)
+        request = Request(host="localhost", target=target, extra_headers=AUTH)
+        await stream.send_all(ws.send(request) + trailing)
         client = cls(stream, ws)
         event = await client.next_event()
         assert isinstance(event, AcceptConnection)
@@ -139,7 +152,8 @@ async def test_http_upgrade_on_any_path_with_httpx_ws(sock_dir: Path) -> None:
     async with serving(path, echo):
         transport = httpx.AsyncHTTPTransport(uds=str(path))
         async with httpx.AsyncClient(transport=transport) as http:
-            async with aconnect_ws("http://localhost/api/channels/python-1", http) as ws:
+            async with aconnect_ws("http://localhost/api/channels/python-1", http,
+                                   headers=dict(AUTH)) as ws:
                 await ws.send_text('{"hello": "world"}')
                 assert await ws.receive_text() == '{"hello": "world"}'
 
@@ -162,28 +176,88 @@ async def test_frames_pipelined_after_the_request_are_kept(sock_dir: Path) -> No
         await client.aclose()
 
 
-async def test_raw_framing_without_handshake(sock_dir: Path) -> None:
+async def test_raw_framing_without_handshake_is_refused(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="kallichore_trio.wsconn")
+    handled = []
+
+    async def record(conn: ClientConnection) -> None:
+        handled.append(conn)
+
     path = sock_dir / "s.sock"
-    async with serving(path, echo):
+    async with serving(path, record):
         client = await Client.raw(path)
         await client.send(TextMessage(data="no handshake"))
-        assert await client.next_text() == "no handshake"
-        await client.send(TextMessage(data="second"))
-        assert await client.next_text() == "second"
+        with trio.fail_after(5):
+            assert await client.stream.receive_some(4096) == b""  # closed, nothing said
         await client.aclose()
+    assert handled == []
+    assert any("raw WebSocket framing is not accepted" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.DEBUG)
 
 
-async def test_silent_client_becomes_raw_after_sniff_timeout(sock_dir: Path) -> None:
+async def test_silent_client_is_dropped_after_the_handshake_timeout(sock_dir: Path) -> None:
     async def greet(conn: ClientConnection) -> None:
-        await conn.send_text("hello")
-        await conn.receive_text()
+        raise AssertionError("a client that said nothing was let in")
 
     path = sock_dir / "s.sock"
-    async with serving(path, greet, sniff=0.2):
+    async with serving(path, greet, handshake=0.2):
         client = await Client.raw(path)
         with trio.fail_after(5):
-            assert await client.next_text() == "hello"
+            assert await client.stream.receive_some(4096) == b""
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "body"),
+    [
+        ([], 401, b""),
+        ([("Authorization", "Bearer wrong")], 401, b""),
+        ([("Authorization", f"Basic {TOKEN}")], 401, b""),
+        ([("Authorization", f"Bearer {TOKEN}"), ("Origin", "http://evil.example")], 403,
+         b"Origin not allowed"),
+    ],
+)
+async def test_upgrade_without_the_token_or_from_a_page_is_refused(
+    sock_dir: Path, headers: list[tuple[str, str]], status: int, body: bytes
+) -> None:
+    path = sock_dir / "s.sock"
+    async with serving(path, echo):
+        stream = await trio.open_unix_socket(path)
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(ws.send(Request(host="localhost", target="/",
+                                              extra_headers=headers)))
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+        await stream.aclose()
+    assert data.startswith(f"HTTP/1.1 {status} ".encode())
+    _, _, rest = data.partition(b"\r\n\r\n")
+    assert rest.startswith(body) and (body or rest == b"")
+    assert TOKEN.encode() not in data
+
+
+async def test_a_refused_upgrade_is_refused_before_it_is_validated(sock_dir: Path) -> None:
+    """No token, and not a WebSocket upgrade either: 401, not 400."""
+    path = sock_dir / "s.sock"
+    async with serving(path, echo):
+        stream = await trio.open_unix_socket(path)
+        await stream.send_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        data = b""
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 401")
+        await stream.aclose()
+
+
+async def test_accept_websocket_raises_upgrade_refused() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    await left.send_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    with pytest.raises(UpgradeRefused, match="missing or wrong bearer token"):
+        await accept_websocket(right, authorize=authorize, handshake_timeout=5)
 
 
 async def test_empty_text_frame_closes(sock_dir: Path) -> None:
@@ -357,7 +431,8 @@ async def test_bad_upgrade_request_is_rejected(sock_dir: Path) -> None:
     path = sock_dir / "s.sock"
     async with serving(path, echo):
         stream = await trio.open_unix_socket(path)
-        await stream.send_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await stream.send_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n"
+                              b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
         data = b""
         with trio.fail_after(5):
             while chunk := await stream.receive_some(4096):

@@ -3,8 +3,10 @@
 TCP: a WebSocket upgrade on the API port, accepted by Quart and then served by `wsconn` on the
 TCP stream Hypercorn hands over (api.hypercorn_ext). Socket transport: the call returns
 the path of the session's own Unix socket, bound on the first call and kept until the session
-ends; it accepts a WebSocket (with an HTTP upgrade on any path, or raw framing) and serves it
-with `wsconn`. On both, a client is evicted when the next one connects (serve_client).
+ends; it accepts a WebSocket (an HTTP upgrade on any path, carrying the bearer token) and
+serves it with `wsconn`. Both upgrades are authorized before anything else (the guard hooks of
+api/__init__.py and wsconn's `authorize`, security.py). On both, a client is evicted when the
+next one connects (serve_client).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 from quart import Quart, Response, websocket
 
 from kallichore_trio.api.hypercorn_ext import EXTENSION
-from kallichore_trio.api.responses import authenticated, error_response, json_response
+from kallichore_trio.api.responses import error_response, json_response
 from kallichore_trio.errors import SessionNotFound, SocketPathError
 from kallichore_trio.session.session import KernelSession
 from kallichore_trio.wsconn import SocketPathTooLong, default_socket_dir, session_socket_path
@@ -59,7 +61,6 @@ def register(app: Quart, daemon: Daemon) -> None:
         return None
 
     @app.get("/sessions/<session_id>/channels")
-    @authenticated(daemon.config.token)
     async def channels_socket(session_id: str) -> Response:
         session = registry.get(session_id)
         if daemon.config.transport != "socket":

@@ -1,12 +1,9 @@
-"""Small helpers shared by the routes: JSON and error responses, auth, body parsing."""
+"""Small helpers shared by the routes: JSON and error responses, body parsing."""
 
 from __future__ import annotations
 
-import functools
-import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from quart import Response, request
@@ -45,35 +42,6 @@ def startup_error_response(exc: StartupFailure) -> Response:
     return json_response(exc.to_dict(), 500)
 
 
-def check_token(expected: str | None) -> bool:
-    if expected is None:
-        return True
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer":
-        return False
-    return hmac.compare_digest(token.strip().encode(), expected.encode())
-
-
-Handler = Callable[..., Awaitable[Response]]
-
-
-def authenticated(token: str | None) -> Callable[[Handler], Handler]:
-    def decorate(handler: Handler) -> Handler:
-        @functools.wraps(handler)
-        async def wrapper(*args: Any, **kwargs: Any) -> Response:
-            if not check_token(token):
-                # Never log the token a client sent: it may be a real one for another server.
-                log.warning("rejected %s %s: missing or wrong bearer token",
-                            request.method, request.path)
-                return empty(401)
-            return await handler(*args, **kwargs)
-
-        return wrapper
-
-    return decorate
-
-
 class ParsedBody:
     """A parsed request body and the top-level keys that were ignored."""
 
@@ -102,7 +70,6 @@ def with_warning(response: Response, ignored: list[str]) -> Response:
 
 __all__ = [
     "BodyError",
-    "authenticated",
     "empty",
     "error_response",
     "json_response",

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from quart import Quart, Response
 
-from kallichore_trio.api.responses import authenticated, json_response, read_body, with_warning
+from kallichore_trio.api.responses import json_response, read_body, with_warning
 from kallichore_trio.models import ClientHeartbeat, ServerConfiguration
 
 if TYPE_CHECKING:
@@ -19,7 +19,6 @@ def register(app: Quart, daemon: Daemon) -> None:
         return json_response(daemon.registry.status())
 
     @app.post("/shutdown")
-    @authenticated(daemon.config.token)
     async def shutdown_server() -> Response:
         daemon.request_shutdown("POST /shutdown")
         return json_response(None)

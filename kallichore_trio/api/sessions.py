@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 from quart import Quart, Response
 
 from kallichore_trio.api.responses import (
-    authenticated,
     json_response,
     read_body,
     with_warning,
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 
 def register(app: Quart, daemon: Daemon) -> None:
     registry = daemon.registry
-    auth = authenticated(daemon.config.token)
 
     @app.get("/sessions")
     async def list_sessions() -> Response:
@@ -36,7 +34,6 @@ def register(app: Quart, daemon: Daemon) -> None:
         return json_response(SessionList(total=len(sessions), sessions=sessions))
 
     @app.put("/sessions")
-    @auth
     async def new_session() -> Response:
         body = await read_body(NewSession, "NewSession")
         session = await registry.create(body.value)
@@ -47,18 +44,15 @@ def register(app: Quart, daemon: Daemon) -> None:
         return json_response(registry.get(session_id).to_model())
 
     @app.delete("/sessions/<session_id>")
-    @auth
     async def delete_session(session_id: str) -> Response:
         registry.delete(session_id)
         return json_response(None)
 
     @app.post("/sessions/<session_id>/start")
-    @auth
     async def start_session(session_id: str) -> Response:
         return json_response(await registry.get(session_id).start())
 
     @app.post("/sessions/<session_id>/restart")
-    @auth
     async def restart_session(session_id: str) -> Response:
         session = registry.get(session_id)
         try:
@@ -71,32 +65,27 @@ def register(app: Quart, daemon: Daemon) -> None:
         return json_response(None)
 
     @app.post("/sessions/<session_id>/kill")
-    @auth
     async def kill_session(session_id: str) -> Response:
         registry.get(session_id).kill()
         return json_response(None)
 
     @app.post("/sessions/<session_id>/interrupt")
-    @auth
     async def interrupt_session(session_id: str) -> Response:
         await registry.get(session_id).interrupt()
         return json_response(None)
 
     @app.put("/sessions/<session_id>/adopt")
-    @auth
     async def adopt_session(session_id: str) -> Response:
         session = registry.get(session_id)
         body = await read_body(ConnectionInfo, "ConnectionInfo")
         return with_warning(json_response(await session.adopt(body.value)), body.ignored)
 
     @app.get("/sessions/<session_id>/connection_info")
-    @auth
     async def connection_info(session_id: str) -> Response:
         return json_response(registry.get(session_id).get_connection_info())
 
 
     @app.post("/sessions/<session_id>/execute")
-    @auth
     async def execute(session_id: str) -> Response:
         session = registry.get(session_id)
         body = await read_body(ExecuteRequest, "ExecuteRequest")
@@ -104,6 +93,5 @@ def register(app: Quart, daemon: Daemon) -> None:
         return with_warning(json_response(result), body.ignored)
 
     @app.get("/sessions/<session_id>/history")
-    @auth
     async def history(session_id: str) -> Response:
         return json_response(list(registry.get(session_id).executions.history))

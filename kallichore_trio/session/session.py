@@ -50,6 +50,7 @@ from kallichore_trio.models import (
     converter,
     dump,
 )
+from kallichore_trio.security import session_socket_check
 from kallichore_trio.session import launch
 from kallichore_trio.session.connection import (
     PortReservation,
@@ -591,7 +592,8 @@ class KernelSession:
         with scope:
             await serve_unix_socket(
                 path, partial(self.serve_client, socket_path=str(path)),
-                sniff_timeout=self.config.timeouts.socket_sniff, task_status=task_status)
+                authorize=session_socket_check(self.config),
+                handshake_timeout=self.config.timeouts.socket_handshake, task_status=task_status)
 
     async def serve_client(self, conn: ClientConnection, *,
                            socket_path: str | None = None) -> None:
