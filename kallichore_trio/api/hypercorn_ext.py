@@ -202,18 +202,19 @@ class KeepAliveH11Protocol(H11Protocol):
     async def _maybe_recycle(self) -> None:
         with trio.CancelScope(shield=True) as ending:
             ending.deadline = trio.current_time() + _END_OF_EXCHANGE_TIMEOUT
-            if self._answered_before_body():
-                await self._close_stream()
+            await self._close_stream()
+            # Decided only now: the rest of the body may have come in while the stream closed.
+            if self._body_still_due():
                 self.stream = _UnreadBodyDrain(self)  # type: ignore[assignment]
                 await self.send(Updated(idle=True))  # the keep-alive timeout bounds the wait
             else:
-                await super()._maybe_recycle()
+                await super()._maybe_recycle()  # (its _close_stream finds nothing left)
         if ending.cancelled_caught:
             log.warning("an HTTP exchange could not be ended in time; closing its connection")
             with trio.CancelScope(shield=True):
                 await self.send(Closed())
 
-    def _answered_before_body(self) -> bool:
+    def _body_still_due(self) -> bool:
         connection = self.connection
         return (
             isinstance(connection, h11.Connection)
