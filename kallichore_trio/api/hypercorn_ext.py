@@ -25,9 +25,10 @@ not do, and this module adds by replacing three of its classes (`install()`):
    finishes the end of every exchange whatever the app's task does, and reads and drops a request
    body the app answered without reading, so that the connection carries on (see its comment).
 
-Hypercorn is pinned in pyproject.toml, and tests/test_keepalive.py fails if the replacement
-stops taking effect (the channel route also refuses a WebSocket whose scope lacks the handover),
-so an upgrade that changes these internals fails loudly rather than silently.
+Hypercorn is pinned in pyproject.toml, and tests/test_keepalive.py (for the protocol,
+tests/test_http_keepalive.py) fails if the replacement stops taking effect (the channel route
+also refuses a WebSocket whose scope lacks the handover), so an upgrade that changes these
+internals fails loudly rather than silently.
 """
 
 from __future__ import annotations
@@ -186,7 +187,9 @@ class KeepAliveH11Protocol(H11Protocol):
       nor closed.
     - With the stream gone, Hypercorn's event loop stops at the first leftover body event
       (`elif self.stream is None: break`), one event per read; once the body has ended, h11
-      sits in DONE/DONE with the next request buffered and nobody starts the next cycle.
+      sits in DONE/DONE with the next request buffered and nobody starts the next cycle (the
+      reader waits on `can_read` for good). Hypercorn's own TCP server hangs the same way; our
+      `GuardedTCPServer` reader is not involved.
 
     So the end of an exchange runs shielded; the app's cancellation reaches the app at its next
     checkpoint. It does not block (it puts the disconnect on the app's queue, which the app reads
