@@ -68,8 +68,8 @@ class RawHttp:
         return self.stream.socket.getsockname()[1]
 
     async def send_head(self, method: str, target: str, *, length: int | None = None,
-                        expect_continue: bool = False) -> None:
-        headers = [("host", "127.0.0.1"), ("authorization", f"Bearer {TOKEN}")]
+                        expect_continue: bool = False, token: str = TOKEN) -> None:
+        headers = [("host", "127.0.0.1"), ("authorization", f"Bearer {token}")]
         if length is not None:
             headers.append(("content-length", str(length)))
             headers.append(("content-type", "application/json"))
@@ -257,6 +257,21 @@ async def test_unread_body_of_any_size_then_next_request(daemon: RunningDaemon,
             # The same again, body sent with the head this time, and on a known path (405).
             assert (await client.request("POST", "/status", body)).status == 405
             assert (await client.request("GET", "/status")).status == 200
+
+
+async def test_body_left_unread_by_a_refused_token(daemon: RunningDaemon) -> None:
+    """A 401 answers before the body too (the route checks the token first)."""
+    body = _session_body("never")
+    async with RawHttp.connect(daemon) as client:
+        with trio.fail_after(DEADLINE):
+            await client.send_head("PUT", "/sessions", length=len(body), token="wrong")
+            assert (await client.read_response()).status == 401
+            await settle()
+            await client.send_body(body)
+            await client.end_body()
+            client.next_cycle()
+            assert (await client.request("GET", "/sessions/never")).status == 404
+            assert (await client.request("PUT", "/sessions", body)).status == 200
 
 
 async def test_body_in_pieces(daemon: RunningDaemon) -> None:
