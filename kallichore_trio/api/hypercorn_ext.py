@@ -1,7 +1,7 @@
 """Everything we change in Hypercorn, in one place.
 
-Hypercorn serves the HTTP API and the upgrade of the TCP channels WebSocket. Two things it does
-not do, and this module adds by replacing two of its classes (`install()`):
+Hypercorn serves the HTTP API and the upgrade of the TCP channels WebSocket. Three things it does
+not do, and this module adds by replacing three of its classes (`install()`):
 
 1. **The WebSocket is handed over once accepted.** ASGI lets an application send and receive
    messages and nothing more: no Pongs, no batched writes, no way to abort a write stuck on a
@@ -21,10 +21,14 @@ not do, and this module adds by replacing two of its classes (`install()`):
 2. **One connection's failure stays that connection's.** An exception escaping Hypercorn's
    per-connection task would end `serve` and with it the daemon. `GuardedTCPServer` logs it and
    closes only that connection.
+3. **A kept-alive connection answers its next request** (issue 19). `KeepAliveH11Protocol`
+   finishes the end of every exchange whatever the app's task does, and reads and drops a request
+   body the app answered without reading, so that the connection carries on (see its comment).
 
-Hypercorn is pinned in pyproject.toml, and tests/test_keepalive.py fails if the replacement
-stops taking effect (the channel route also refuses a WebSocket whose scope lacks the handover),
-so an upgrade that changes these internals fails loudly rather than silently.
+Hypercorn is pinned in pyproject.toml, and tests/test_keepalive.py (for the protocol,
+tests/test_http_keepalive.py) fails if the replacement stops taking effect (the channel route
+also refuses a WebSocket whose scope lacks the handover), so an upgrade that changes these
+internals fails loudly rather than silently.
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ import logging
 from math import inf
 from typing import Any
 
+import h11
+import hypercorn.protocol
 import hypercorn.protocol.h2
 import hypercorn.protocol.h11
 import hypercorn.trio.run
 import trio
-from hypercorn.events import Closed, RawData
-from hypercorn.protocol.events import Body, Data
+from hypercorn.events import Closed, RawData, Updated
+from hypercorn.protocol.events import Body, Data, EndBody
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
@@ -51,6 +58,12 @@ EXTENSION = "kallichore.websocket_handover"
 #: Bytes a client may send after its upgrade request and before the 101 (none is usual).
 _EARLY_LIMIT = 1 << 20
 _ANSWERED = frozenset({ASGIWebsocketState.RESPONSE, ASGIWebsocketState.HTTPCLOSED})
+#: Request body bytes, left unread by the app, read and dropped after its answer; a client that
+#: sends more than this loses the connection instead (so does one that stalls: the keep-alive
+#: timeout runs while the rest is awaited).
+_DRAIN_LIMIT = 64 << 20
+#: Seconds the end of an exchange may take (it does not wait on the client; see _maybe_recycle).
+_END_OF_EXCHANGE_TIMEOUT = 5.0
 
 
 class WebSocketHandover:
@@ -158,6 +171,79 @@ class _H2WSStream(ControlledWSStream):
     _can_hand_over = False
 
 
+class KeepAliveH11Protocol(H11Protocol):
+    """Hypercorn's HTTP/1.1 protocol, with the end of an exchange made whole.
+
+    Issue 19: a request whose answer went out before its body had arrived (a 404, 405 or 401
+    never reads the body) left the connection stuck; the next request on it got no answer. Two
+    faults in Hypercorn 0.18 combine:
+
+    - Hypercorn ends an exchange (`_maybe_recycle`: close the stream, then either start the
+      connection's next cycle or close the connection, then re-arm the keep-alive timer) inside
+      the app's `send` call, so in the app's task and under its cancel scope. Quart-Trio cancels
+      that scope as soon as its receiving task sees the `http.disconnect` that this very step
+      delivers, and the next checkpoint raises Cancelled: the keep-alive timer is not re-armed
+      after any request, and where the body was still due the connection is neither recycled
+      nor closed.
+    - With the stream gone, Hypercorn's event loop stops at the first leftover body event
+      (`elif self.stream is None: break`), one event per read; once the body has ended, h11
+      sits in DONE/DONE with the next request buffered and nobody starts the next cycle (the
+      reader waits on `can_read` for good). Hypercorn's own TCP server hangs the same way; our
+      `GuardedTCPServer` reader is not involved.
+
+    So the end of an exchange runs shielded; the app's cancellation reaches the app at its next
+    checkpoint. It does not block (it puts the disconnect on the app's queue, which the app reads
+    until it ends, then sends or closes); should it ever (an app that ended with its queue full),
+    it gives up within a bound and closes the connection. And a body the app left unread is no
+    longer a reason to close the connection (Hypercorn's intent, which would also race the
+    client's next request): `_UnreadBodyDrain` takes the stream's place, drops the rest of the
+    body as it arrives and starts the next cycle at its end, as servers commonly do. Hypercorn
+    has already answered any `Expect: 100-continue` when it parsed the head, so the body does
+    come.
+    """
+
+    async def _maybe_recycle(self) -> None:
+        with trio.CancelScope(shield=True) as ending:
+            ending.deadline = trio.current_time() + _END_OF_EXCHANGE_TIMEOUT
+            await self._close_stream()
+            # Decided only now: the rest of the body may have come in while the stream closed.
+            if self._body_still_due():
+                self.stream = _UnreadBodyDrain(self)  # type: ignore[assignment]
+                await self.send(Updated(idle=True))  # the keep-alive timeout bounds the wait
+            else:
+                await super()._maybe_recycle()  # (its _close_stream finds nothing left)
+        if ending.cancelled_caught:
+            log.warning("an HTTP exchange could not be ended in time; closing its connection")
+            with trio.CancelScope(shield=True):
+                await self.send(Closed())
+
+    def _body_still_due(self) -> bool:
+        connection = self.connection
+        return (
+            isinstance(connection, h11.Connection)
+            and connection.our_state is h11.DONE
+            and connection.their_state is h11.SEND_BODY
+            and not self.context.terminated.is_set()
+        )
+
+
+class _UnreadBodyDrain:
+    """Stands in for an answered request's stream while the rest of its body arrives."""
+
+    def __init__(self, protocol: KeepAliveH11Protocol) -> None:
+        self._protocol = protocol
+        self._dropped = 0
+
+    async def handle(self, event: Any) -> None:
+        if isinstance(event, Body):
+            self._dropped += len(event.data)
+            if self._dropped > _DRAIN_LIMIT:
+                await self._protocol.send(Closed())
+        elif isinstance(event, EndBody):
+            await self._protocol._maybe_recycle()  # DONE/DONE now: the next cycle starts
+        # StreamClosed (the connection closing meanwhile): nothing to let go of.
+
+
 class GuardedTCPServer(TCPServer):
     def __init__(self, app: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(_AppOfServer(app, self), *args, **kwargs)
@@ -211,9 +297,17 @@ class GuardedTCPServer(TCPServer):
 
 def install() -> None:
     """Make Hypercorn use ControlledWSStream and GuardedTCPServer; idempotent."""
+    hypercorn.protocol.H11Protocol = KeepAliveH11Protocol  # type: ignore[misc]
     hypercorn.protocol.h11.WSStream = ControlledWSStream  # type: ignore[misc]
     hypercorn.protocol.h2.WSStream = _H2WSStream  # type: ignore[misc]
     hypercorn.trio.run.TCPServer = GuardedTCPServer  # type: ignore[misc]
 
 
-__all__ = ["EXTENSION", "ControlledWSStream", "GuardedTCPServer", "WebSocketHandover", "install"]
+__all__ = [
+    "EXTENSION",
+    "ControlledWSStream",
+    "GuardedTCPServer",
+    "KeepAliveH11Protocol",
+    "WebSocketHandover",
+    "install",
+]
