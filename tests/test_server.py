@@ -14,7 +14,7 @@ from httpx_ws import aconnect_ws
 
 from kallichore_trio.config import KALLICHORE_VERSION
 from kallichore_trio.daemon import run_daemon
-from tests.conftest import RunningDaemon, daemon_config
+from tests.conftest import TOKEN, RunningDaemon, daemon_config
 
 
 async def test_status_reports_the_server(daemon: RunningDaemon) -> None:
@@ -79,8 +79,11 @@ async def test_a_live_heartbeat_pid_keeps_the_daemon_up(tmp_path: Path) -> None:
     try:
         async with trio.open_nursery() as nursery:
             address = await nursery.start(run_daemon, config)
-            async with httpx.AsyncClient(base_url=address.base_path) as client:
-                await client.post("/client_heartbeat", json={"process_id": client_process.pid})
+            async with httpx.AsyncClient(base_url=address.base_path,
+                                         headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+                response = await client.post("/client_heartbeat",
+                                             json={"process_id": client_process.pid})
+                assert response.status_code == 200
                 await trio.sleep(2.0)  # four idle periods pass while the client lives
                 assert (await client.get("/status")).status_code == 200
                 client_process.kill()
