@@ -1,4 +1,4 @@
-"""The `kcserver` command line: Kallichore-compatible flags -> Config -> the daemon (spec §4.1).
+"""The `kcserver` command line: Kallichore-compatible flags -> Config -> the daemon (docs/protocol.md §1.1).
 
 Positron launches kcserver with `--log-level --log-file --connection-file|--handshake-socket
 --resource-sample-interval --transport [--idle-shutdown-hours]`; `make run` launches it with
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def infer_transport(ns: argparse.Namespace) -> Transport:
     """Explicit --transport, else --unix-socket, --connection-file or --handshake-socket ⇒
-    socket, else tcp (spec §4.1)."""
+    socket, else tcp (docs/protocol.md §1.1)."""
     if ns.transport is not None:
         if ns.transport in ("tcp", "socket"):
             return cast(Transport, ns.transport)

@@ -1,4 +1,4 @@
-"""The server connection document: where we listen and how to authenticate (spec §4.4, §9).
+"""The server connection document: where we listen and how to authenticate (docs/protocol.md §1.4).
 
 Positron gets it either from `--connection-file` (polled until it parses) or through
 `--handshake-socket` (the client listens, we connect and write one JSON document). Both carry
@@ -58,7 +58,7 @@ def connection_document(
     """The JSON object Positron reads (`KallichoreServerState`), in Kallichore's field order.
 
     Fields that do not apply to the transport are omitted, as is `log_path` without --log-file
-    (§9; Kallichore 0.1.64 wrote null there).
+    (docs/protocol.md §1.4; Kallichore 0.1.64 wrote null there).
     """
     doc: dict[str, Any] = {}
     if address.transport == "tcp":
@@ -111,7 +111,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 async def send_handshake(path: Path, doc: dict[str, Any], timeout: float) -> None:
-    """Connect to the client's Unix socket, write doc as one JSON line, half-close (§9).
+    """Connect to the client's Unix socket, write doc as one JSON line, half-close (docs/protocol.md §1.4).
 
     Raises HandshakeError when nobody listens there or it takes longer than timeout.
     """

@@ -1,6 +1,6 @@
 """Server-side WebSocket connections over any Trio stream, for the per-session Unix sockets.
 
-The socket transport gives every session its own Unix socket (spec §2.1). A client connecting to
+The socket transport gives every session its own Unix socket (docs/protocol.md §1.3). A client connecting to
 it starts with an HTTP/1.1 upgrade request on any path (Positron's
 `ws+unix://<path>:/api/channels/<id>`) carrying the bearer token; the `authorize` check
 (security.py) decides before anything else. A connection that does not start with `GET `, or
@@ -409,7 +409,7 @@ async def accept_websocket(
     handshake_timeout: float = 10.0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> WsprotoConnection:
-    """Turn a freshly accepted stream into a server WebSocket (spec §2.1).
+    """Turn a freshly accepted stream into a server WebSocket (docs/protocol.md §1.3).
 
     The client must send an HTTP upgrade request within `handshake_timeout`, and `authorize`
     must let it in (its refusal is answered with the status it names). Anything else, raw
@@ -576,7 +576,7 @@ def default_socket_dir(config: Config) -> Path:
 
 
 def main_socket_path(config: Config, pid: int) -> Path:
-    """The generated main API socket `kc-<pid>.sock` (spec §4.2), when --unix-socket is absent.
+    """The generated main API socket `kc-<pid>.sock` (docs/protocol.md §1.2), when --unix-socket is absent.
 
     An over-long XDG runtime dir falls back to the temp dir, as Kallichore does.
     """

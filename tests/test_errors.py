@@ -1,4 +1,4 @@
-"""Error answers of the HTTP API (KALLICHORE_BEHAVIOUR.md §1.1 and the §1.5 table)."""
+"""Error answers of the HTTP API (docs/protocol.md §3.1 and the §3.2 table)."""
 
 from __future__ import annotations
 

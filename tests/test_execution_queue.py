@@ -1,4 +1,4 @@
-"""The execution queue with a real ipykernel (KALLICHORE_BEHAVIOUR.md §5.2 row 12, §3.6)."""
+"""The execution queue with a real ipykernel (docs/protocol.md §6.5)."""
 
 from __future__ import annotations
 

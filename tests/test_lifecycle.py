@@ -308,8 +308,9 @@ async def test_adopt_with_connection_info_runs_code_through_the_websocket(
 async def test_restart_of_an_adopted_kernel_shuts_it_down_then_fails_with_ks5_no_arguments(
     daemon: RunningDaemon, tmp_path: Path
 ) -> None:
-    # §3.9 on a session adopted with argv []: shutdown_request {"restart": true} to the
-    # kernel, wait for its exit, then the start algorithm, which has no argv to run (§1.2).
+    # docs/protocol.md §6.9 on a session adopted with argv []: shutdown_request
+    # {"restart": true} to the kernel, wait for its exit, then the start algorithm, which has
+    # no argv to run (§6.2).
     session_id = await daemon.create([])
     info = (await daemon.client.get(f"/sessions/{session_id}/connection_info")).json()
     async with external_kernel(info, tmp_path) as process:

@@ -131,7 +131,7 @@ def test_empty_key_means_unsigned() -> None:
     assert signer.verify(b"anything", b"h", b"p", b"m", b"c")
 
 
-# --- build_frames: header rebuild (KALLICHORE_BEHAVIOUR.md §2.4) ---------------------------
+# --- build_frames: header rebuild (docs/protocol.md §5.3) ---------------------------
 
 EXPECTED_HEADER = (
     b'{"msg_id":"abc123","msg_type":"execute_request","session":"sess-1",'
@@ -626,7 +626,7 @@ def test_client_message_to_kernel_frames() -> None:
     assert frames[-2:] == [b"{}", '{"code":"print(\'héllo ✓\')"}'.encode()]
 
 
-# --- kernel events (KALLICHORE_BEHAVIOUR.md §2.3.2) -----------------------------------------
+# --- kernel events (docs/protocol.md §4.3) -----------------------------------------
 
 CONNECTION = (
     '{"control_port":1,"shell_port":2,"stdin_port":3,"hb_port":4,"iopub_port":5,'
