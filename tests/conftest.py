@@ -15,8 +15,8 @@ import psutil
 import pytest
 import trio
 
+from kallichore_trio.app import ServerAddress, run_daemon
 from kallichore_trio.config import Config, Timeouts
-from kallichore_trio.daemon import ServerAddress, run_daemon
 
 KERNELS = Path(__file__).parent / "kernels"
 TOKEN = "test-token-0123456789"

@@ -49,7 +49,7 @@ async def parks(poller: BusyPoll) -> bool:
     return False
 
 
-async def test_polls_for_the_window_after_a_touch_then_parks() -> None:
+async def test_polls_for_the_window_after_traffic_then_parks() -> None:
     clock = HandClock()
     poller = BusyPoll(0.002, clock=clock)
     async with trio.open_nursery() as nursery:
@@ -57,7 +57,7 @@ async def test_polls_for_the_window_after_a_touch_then_parks() -> None:
         assert await parks(poller)
         assert poller.turns == 0  # no traffic, no polling
 
-        poller.touch()
+        poller.on_traffic()
         await turns()
         assert poller.polling
         started = poller.turns
@@ -74,29 +74,29 @@ async def test_polls_for_the_window_after_a_touch_then_parks() -> None:
         nursery.cancel_scope.cancel()
 
 
-# Each row: (time of a touch) ..., then the instants at which the poller must still be
-# polling, and the instant from which it must be parked.
+# Each row: (time of an on_traffic call) ..., then the instants at which the poller must
+# still be polling, and the instant from which it must be parked.
 WINDOWS = [
-    pytest.param([0.0], [0.001, 0.00199], 0.002, id="one touch: the window from it"),
+    pytest.param([0.0], [0.001, 0.00199], 0.002, id="one report: the window from it"),
     pytest.param([0.0, 0.0015], [0.0025, 0.0034], 0.0036,
-                 id="a touch while polling extends the window from that touch"),
+                 id="a report while polling extends the window from that report"),
     pytest.param([0.0, 0.0005, 0.001, 0.0015], [0.003, 0.00349], 0.0035,
                  id="a burst: the window from its last message"),
 ]
 
 
-@pytest.mark.parametrize(("touches", "polling_at", "parked_at"), WINDOWS)
-async def test_the_window_runs_from_the_last_touch(
-    touches: list[float], polling_at: list[float], parked_at: float
+@pytest.mark.parametrize(("reports", "polling_at", "parked_at"), WINDOWS)
+async def test_the_window_runs_from_the_last_traffic_report(
+    reports: list[float], polling_at: list[float], parked_at: float
 ) -> None:
     clock = HandClock()
     poller = BusyPoll(0.002, clock=clock)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(poller.run)
         await trio.testing.wait_all_tasks_blocked()
-        for at in touches:
+        for at in reports:
             clock.now = at
-            poller.touch()
+            poller.on_traffic()
             await turns()
         for at in polling_at:
             clock.now = at
@@ -104,18 +104,18 @@ async def test_the_window_runs_from_the_last_touch(
             assert poller.polling, at
         clock.now = parked_at
         assert await parks(poller)
-        assert poller.periods == 1  # one period, extended; not one per touch
+        assert poller.periods == 1  # one period, extended; not one per report
         nursery.cancel_scope.cancel()
 
 
-async def test_a_touch_after_parking_starts_a_new_period() -> None:
+async def test_traffic_after_parking_starts_a_new_period() -> None:
     clock = HandClock()
     poller = BusyPoll(0.002, clock=clock)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(poller.run)
         await trio.testing.wait_all_tasks_blocked()
         for period in (1, 2, 3):
-            poller.touch()
+            poller.on_traffic()
             await turns()
             assert poller.polling
             clock.now += 0.01
@@ -135,7 +135,7 @@ async def test_other_tasks_run_while_it_polls() -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(poller.run)
         await trio.testing.wait_all_tasks_blocked()
-        poller.touch()
+        poller.on_traffic()
         nursery.start_soon(worker)
         with trio.fail_after(5):
             await done.wait()
@@ -149,7 +149,7 @@ async def test_cancellation_mid_poll_is_not_swallowed() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(poller.run)
             await trio.testing.wait_all_tasks_blocked()
-            poller.touch()
+            poller.on_traffic()
     assert scope.cancelled_caught
     assert poller.turns > 0
 
@@ -158,7 +158,7 @@ async def test_a_zero_window_never_polls() -> None:
     poller = BusyPoll(0.0)
     with trio.fail_after(5):
         await poller.run()  # returns at once: nothing to do, ever
-    poller.touch()
+    poller.on_traffic()
     assert poller.turns == 0 and poller.periods == 0
 
 
@@ -214,8 +214,8 @@ async def test_a_client_message_is_traffic(polled: RunningDaemon, poller: BusyPo
 async def test_kernel_messages_are_traffic_and_an_idle_session_is_not(
     polled: RunningDaemon, poller: BusyPoll, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Count what may touch the poller (batches relayed from a kernel) and what must not
-    # (heartbeats, resource samples), so the check below needs no quiet period.
+    # Count what may report traffic to the poller (batches relayed from a kernel) and what must
+    # not (heartbeats, resource samples), so the check below needs no quiet period.
     seen = {"relays": 0, "heartbeats": 0, "samples": 0}
     changed = trio.Event()
 
@@ -251,15 +251,15 @@ async def test_kernel_messages_are_traffic_and_an_idle_session_is_not(
                            polled.client) as ws:
         idle = await settled(poller)
         # Heartbeats (every 2 s), resource samples (every 1 s) and the client connection are
-        # not traffic: over two of each, the only touches are batches the kernel sent (a late
-        # reply to a repeated start probe, say), one touch per batch.
-        before = dict(seen), poller.touches
+        # not traffic: over two of each, the only reports are batches the kernel sent (a late
+        # reply to a repeated start probe, say), one report per batch.
+        before = dict(seen), poller.traffic_reports
         with trio.fail_after(20):
             while (seen["heartbeats"] < before[0]["heartbeats"] + 2
                    or seen["samples"] < before[0]["samples"] + 2):
                 changed = trio.Event()
                 await changed.wait()
-        assert poller.touches - before[1] == seen["relays"] - before[0]["relays"]
+        assert poller.traffic_reports - before[1] == seen["relays"] - before[0]["relays"]
         relays = seen["relays"]
         idle = await settled(poller)
         msg_id = uuid.uuid4().hex

@@ -28,8 +28,9 @@ from wsproto.connection import Connection
 from wsproto.events import TextMessage
 
 from kallichore_trio.api import create_app
+from kallichore_trio.app import run_daemon
 from kallichore_trio.config import Config
-from kallichore_trio.daemon import Daemon, run_daemon
+from kallichore_trio.daemon import Daemon
 from tests.conftest import TOKEN, RunningDaemon, _daemon, daemon_config, new_session_body
 from tests.lifecycle_helpers import execute_request, is_idle_for, mini_argv
 from tests.raw_ws import RawWebSocket

@@ -12,8 +12,8 @@ import httpx
 import trio
 from httpx_ws import aconnect_ws
 
+from kallichore_trio.app import run_daemon
 from kallichore_trio.config import KALLICHORE_VERSION
-from kallichore_trio.daemon import run_daemon
 from tests.conftest import RunningDaemon, daemon_config
 
 

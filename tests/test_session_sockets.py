@@ -21,9 +21,10 @@ import pytest
 import trio
 from httpx_ws import aconnect_ws
 
-from kallichore_trio import wsconn
+from kallichore_trio.app import run_daemon
 from kallichore_trio.config import Config
-from kallichore_trio.daemon import run_daemon
+from kallichore_trio.transport import unix
+from kallichore_trio.transport.websocket import ClientConnection
 from tests.conftest import TOKEN, RunningDaemon, _daemon, _kernel_pids, daemon_config
 from tests.lifecycle_helpers import (
     Channel,
@@ -130,7 +131,7 @@ async def test_sessions_sharing_an_id_prefix_get_their_own_sockets(
     assert paths[0] != paths[1]
     for session_id, path in zip(ids, paths, strict=True):
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
-        assert len(os.fsencode(path)) <= wsconn.MAX_SOCKET_PATH_BYTES
+        assert len(os.fsencode(path)) <= unix.MAX_SOCKET_PATH_BYTES
         async with connect_socket(path, session_id) as channel:
             pid = await kernel_pid_seen_by(channel)
             info = await session_json(unix_daemon, session_id)
@@ -262,11 +263,11 @@ async def test_listener_cleanup_spares_a_socket_that_reuses_its_inode(
 
     monkeypatch.setattr(trio.SocketListener, "aclose", aclose_then_newcomer)
 
-    async def idle(conn: wsconn.ClientConnection) -> None:
+    async def idle(conn: ClientConnection) -> None:
         await conn.receive_text()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(partial(wsconn.serve_unix_socket, path, idle,
+        await nursery.start(partial(unix.serve_unix_socket, path, idle,
                                     authorize=lambda headers: None, handshake_timeout=5.0))
         os.link(path, keep)
         path.unlink()  # the next listener's takeover (remove_stale_socket) ...
@@ -350,7 +351,7 @@ async def test_a_socket_dir_too_long_for_sun_path_is_socket_path_too_long(
     nursery: trio.Nursery, sock_dir: Path
 ) -> None:
     config = daemon_config(sock_dir, transport="socket", unix_socket=sock_dir / "main.sock",
-                           socket_dir=Path("/" + "d" * wsconn.MAX_SOCKET_PATH_BYTES))
+                           socket_dir=Path("/" + "d" * unix.MAX_SOCKET_PATH_BYTES))
     async with running_unix_daemon(nursery, config) as daemon:
         session_id = await daemon.create()
         for _ in range(2):

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from kallichore_trio.daemon import run_daemon
+from kallichore_trio.app import run_daemon
 from tests.conftest import TOKEN, daemon_config, new_session_body
 from tests.raw_ws import RawWebSocket
 from tests.test_end_to_end import execute_request, is_idle_for

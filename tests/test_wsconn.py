@@ -1,4 +1,4 @@
-"""Per-session Unix-socket WebSockets (wsconn), the connection document and the handshake."""
+"""Per-session Unix-socket WebSockets (transport/), the connection document and the handshake."""
 
 from __future__ import annotations
 
@@ -34,26 +34,31 @@ from wsproto.events import (
     TextMessage,
 )
 
-from kallichore_trio import server_info
+from kallichore_trio import discovery
 from kallichore_trio.config import Config
-from kallichore_trio.security import Policy, Refusal, check_request
-from kallichore_trio.server_info import (
+from kallichore_trio.discovery import (
     HandshakeError,
     connection_document,
     send_handshake,
     write_connection_file,
 )
-from kallichore_trio.wsconn import (
+from kallichore_trio.security import Policy, Refusal, check_request
+from kallichore_trio.transport.unix import (
     MAX_SOCKET_PATH_BYTES,
-    ClientConnection,
-    ClientGone,
     SocketPathTooLong,
-    UpgradeRefused,
-    accept_websocket,
+    bind_unix,
     default_socket_dir,
     main_socket_path,
     serve_unix_socket,
     session_socket_path,
+)
+from kallichore_trio.transport.websocket import (
+    ClientConnection,
+    ClientGone,
+    Lifecycle,
+    UpgradeRefused,
+    WsprotoConnection,
+    accept_websocket,
 )
 
 
@@ -179,7 +184,7 @@ async def test_frames_pipelined_after_the_request_are_kept(sock_dir: Path) -> No
 async def test_raw_framing_without_handshake_is_refused(
     sock_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="kallichore_trio.wsconn")
+    caplog.set_level(logging.DEBUG, logger="kallichore_trio.transport.unix")
     handled = []
 
     async def record(conn: ClientConnection) -> None:
@@ -556,7 +561,7 @@ def test_document_socket_no_token_no_log() -> None:
 
 def test_server_path_falls_back_to_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.argv", ["-c"])
-    assert server_info.server_path() == sys.executable
+    assert discovery.server_path() == sys.executable
 
 
 def test_write_connection_file_atomic_0600(tmp_path: Path) -> None:
@@ -665,3 +670,86 @@ async def test_send_cancelled_mid_frame_marks_connection_gone(sock_dir: Path) ->
             await done.wait()
         assert outcome == ["cancelled", "gone"]
         await client.aclose()
+
+
+# ---- bind_unix -----------------------------------------------------------------------------
+
+
+def test_bind_unix_is_0600_whatever_the_umask_and_replaces_a_stale_file(sock_dir: Path) -> None:
+    path = sock_dir / "s.sock"
+    path.write_text("stale")
+    old_umask = os.umask(0)
+    try:
+        sock = bind_unix(path)
+    finally:
+        os.umask(old_umask)
+    with sock:
+        mode = path.lstat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))  # listening
+    (sock_dir / "d").mkdir()
+    with pytest.raises(OSError):
+        bind_unix(sock_dir / "d")  # a directory is never taken for a stale socket
+    assert (sock_dir / "d").is_dir()
+
+
+# ---- the connection's lifecycle -------------------------------------------------------------
+
+
+@asynccontextmanager
+async def ws_pair() -> AsyncIterator[tuple[WsprotoConnection, trio.SocketStream, Connection]]:
+    """A server WsprotoConnection and a wsproto client over a real socket pair, handshake done."""
+    a, b = trio.socket.socketpair()
+    server_stream, client_stream = trio.SocketStream(a), trio.SocketStream(b)
+    client = WSConnection(ConnectionType.CLIENT)
+    await client_stream.send_all(client.send(Request(host="localhost", target="/",
+                                                     extra_headers=AUTH)))
+    conn = await accept_websocket(server_stream, authorize=authorize, handshake_timeout=5)
+    client.receive_data(await client_stream.receive_some(4096))
+    assert any(isinstance(event, AcceptConnection) for event in client.events())
+    assert client.connection is not None
+    try:
+        yield conn, client_stream, client.connection
+    finally:
+        await conn.close()
+        await client_stream.aclose()
+
+
+async def test_lifecycle_open_then_closed_by_the_peers_close_frame() -> None:
+    async with ws_pair() as (conn, stream, client):
+        assert conn.state is Lifecycle.OPEN and repr(conn) == "<WsprotoConnection open>"
+        await stream.send_all(client.send(TextMessage(data="hi")))
+        assert await conn.receive_text() == "hi"
+        await stream.send_all(client.send(CloseConnection(code=1000)))
+        with trio.fail_after(5):
+            assert await conn.receive_text() is None
+        # Our Close went back and the stream is shut.
+        assert conn.state is Lifecycle.CLOSED and repr(conn) == "<WsprotoConnection closed>"
+        with pytest.raises(ClientGone):
+            await conn.send_text("late")
+
+
+async def test_lifecycle_peer_done_then_broken_when_the_stream_just_ends() -> None:
+    async with ws_pair() as (conn, stream, _):
+        await stream.aclose()  # no Close frame: the peer's process died, say
+        with trio.fail_after(5):
+            assert await conn.receive_text() is None
+        assert conn.state is Lifecycle.PEER_DONE
+        # The first write to the dead peer fails with the OS's error (EPIPE), as ClientGone.
+        with pytest.raises(ClientGone):
+            await conn.send_text("anyone?")
+        assert conn.state is Lifecycle.BROKEN
+        await conn.close()
+        assert conn.state is Lifecycle.CLOSED
+
+
+async def test_lifecycle_abort_ends_both_directions_at_once() -> None:
+    async with ws_pair() as (conn, _, _):
+        await conn.abort()
+        assert conn.state is Lifecycle.CLOSED
+        assert await conn.receive_text() is None
+        with pytest.raises(ClientGone):
+            await conn.ping(b"12345678")
+        await conn.abort()  # idempotent
+        assert conn.state is Lifecycle.CLOSED

@@ -1,4 +1,4 @@
-"""Tests for kallichore_trio.zmq_trio: real libzmq over tcp://127.0.0.1 and ipc, no mocks."""
+"""Tests for transport/zmq_trio.py: real libzmq over tcp://127.0.0.1 and ipc, no mocks."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import trio
 import trio.testing
 import zmq
 
-from kallichore_trio.zmq_trio import (
+from kallichore_trio.transport.zmq_trio import (
     TrioSocket,
     open_socket,
     open_subscription,

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 STARTUP_BEGIN = "KALLICHORE_STARTUP_BEGIN"
 STARTUP_SUCCESS = "KALLICHORE_STARTUP_SUCCESS"
 
-# Characters that make an argv element need quoting in the shell command line (docs/protocol.md §6.3).
+# Characters that make an argv element need quoting in the shell command line
+# (docs/protocol.md §6.3).
 _SPECIAL = set("\\\"'`${}()*?! \t\n;&|<>[]")
 
 

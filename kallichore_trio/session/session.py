@@ -66,13 +66,8 @@ from kallichore_trio.session.kernel import Kernel, LaunchPlan
 from kallichore_trio.session.outbox import Outbox
 from kallichore_trio.session.queue import ExecutionQueue, QueueFull
 from kallichore_trio.session.state import IDLE_LIKE, SessionState
-from kallichore_trio.wsconn import (
-    ClientConnection,
-    ClientGone,
-    FileIdentity,
-    file_identity,
-    serve_unix_socket,
-)
+from kallichore_trio.transport.unix import FileIdentity, file_identity, serve_unix_socket
+from kallichore_trio.transport.websocket import ClientConnection, ClientGone
 
 log = logging.getLogger(__name__)
 

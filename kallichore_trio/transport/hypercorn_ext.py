@@ -10,7 +10,8 @@ not do, and this module adds by replacing two of its classes (`install()`):
    queue), a few task hops and a few hundred microseconds of Python per round trip. So once the
    app accepts the upgrade, Hypercorn lets go of the connection: its reader stops, its stream
    goes inert, and the app gets the TCP stream and the wsproto connection as a
-   `wsconn.WsprotoConnection`, the same code that serves the per-session Unix sockets.
+   `transport.websocket.WsprotoConnection`, the same code that serves the per-session Unix
+   sockets.
    The app finds the handover in the ASGI scope, `scope["extensions"][EXTENSION]`, and calls
    `take_over()` after `websocket.accept()`.
    The stream also declines permessage-deflate (the reference server, tungstenite, never
@@ -42,7 +43,7 @@ from hypercorn.protocol.events import Body, Data
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 
-from kallichore_trio.wsconn import WsprotoConnection
+from kallichore_trio.transport.websocket import WsprotoConnection
 
 log = logging.getLogger(__name__)
 

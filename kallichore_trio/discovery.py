@@ -1,9 +1,10 @@
-"""The server connection document: where we listen and how to authenticate (docs/protocol.md §1.4).
+"""How a client finds the server: the server's connection document (docs/protocol.md §1.4).
 
-Positron gets it either from `--connection-file` (polled until it parses) or through
-`--handshake-socket` (the client listens, we connect and write one JSON document). Both carry
-the bearer token, so the file is 0600 and written atomically, and the handshake never touches
-disk.
+The document says where we listen and how to authenticate. (Not a kernel's connection file:
+those are written by session/connection.py.) Positron gets it either from `--connection-file`
+(polled until it parses) or through `--handshake-socket` (the client listens, we connect and
+write one JSON document). Both carry the bearer token, so the file is 0600 and written
+atomically, and the handshake never touches disk.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from kallichore_trio.config import Config
 
 
 class BoundAddress(Protocol):
-    """What the daemon reports once bound (kallichore_trio.daemon.ServerAddress)."""
+    """What the daemon reports once bound (kallichore_trio.app.ServerAddress)."""
 
     @property
     def transport(self) -> str: ...
@@ -111,7 +112,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 async def send_handshake(path: Path, doc: dict[str, Any], timeout: float) -> None:
-    """Connect to the client's Unix socket, write doc as one JSON line, half-close (docs/protocol.md §1.4).
+    """Connect to the client's Unix socket, write doc as one JSON line, half-close
+    (docs/protocol.md §1.4).
 
     Raises HandshakeError when nobody listens there or it takes longer than timeout.
     """

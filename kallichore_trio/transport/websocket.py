@@ -1,27 +1,28 @@
-"""Server-side WebSocket connections over any Trio stream, for the per-session Unix sockets.
+"""The server side of a channels WebSocket, over any Trio stream.
 
-The socket transport gives every session its own Unix socket (docs/protocol.md §1.3). A client connecting to
-it starts with an HTTP/1.1 upgrade request on any path (Positron's
+`WsprotoConnection` serves every channels client, TCP or Unix: on TCP Hypercorn parses the
+upgrade and hands the stream over (transport/hypercorn_ext.py); on a per-session Unix socket
+(docs/protocol.md §1.3; the listener is transport/unix.py) `accept_websocket` does the upgrade
+itself. A client there starts with an HTTP/1.1 upgrade request on any path (Positron's
 `ws+unix://<path>:/api/channels/<id>`) carrying the bearer token; the `authorize` check
 (security.py) decides before anything else. A connection that does not start with `GET `, or
 does not finish its request within the handshake timeout, is closed: the reference also accepts
 raw WebSocket framing with no handshake, which can carry no token (docs/security.md).
 wsproto's `WSConnection` does the handshake, `wsproto.connection.Connection` the framing.
 
-`ClientConnection` is the interface the channel code uses for every client, TCP or Unix.
+`ClientConnection` is the interface the channel code uses for every client. Whatever Trio or
+the OS raises when the peer goes (a broken or closed stream, EPIPE, ECONNRESET) comes out of it
+as one `ClientGone`, so the code above needs to know no transport's errors.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import os
-import socket as stdlib_socket
-import stat
-import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from http import HTTPStatus
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import h11
 import trio
@@ -42,17 +43,12 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from kallichore_trio.security import Refusal
 
-if TYPE_CHECKING:
-    from kallichore_trio.config import Config
-
 #: Decides on an upgrade request from its headers (name, value pairs, names lowercase): None
 #: to accept, or the Refusal to answer (security.check_request under a policy).
 Authorize = Callable[[list[tuple[bytes, bytes]]], Refusal | None]
 
 log = logging.getLogger(__name__)
 
-#: sockaddr_un.sun_path is 104 bytes on macOS (108 on Linux); Kallichore uses the smaller bound.
-MAX_SOCKET_PATH_BYTES = 104
 #: Bytes read per receive call; large enough that a 50 MB message is a few hundred reads.
 _RECEIVE_CHUNK = 1 << 20
 #: An HTTP upgrade request larger than this is not a WebSocket client we want.
@@ -71,15 +67,24 @@ class UpgradeRefused(ClientGone):
     """The connection was not let in: no HTTP upgrade request, or `authorize` refused it."""
 
 
-class SocketPathTooLong(ValueError):
-    """Even the shortest per-session socket name does not fit in sun_path."""
+class Lifecycle(enum.IntEnum):
+    """Where a WsprotoConnection is in its life. It only moves forward (the order below), and
+    each state includes what the ones before it forbid."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(
-            f"Socket path {str(path)!r} is longer than {MAX_SOCKET_PATH_BYTES} bytes; "
-            "use --socket-dir with a shorter directory"
-        )
-        self.path = path
+    #: Both directions work.
+    OPEN = 0
+    #: Nothing more will be received (the peer closed, or its stream ended or broke):
+    #: receive_text returns None. We may still send until we close.
+    PEER_DONE = 1
+    #: A write failed, or was cut off mid-frame: the stream's framing is corrupt, nothing more
+    #: may be sent (and nothing more is read).
+    BROKEN = 2
+    #: Our side shut the stream (close or abort).
+    CLOSED = 3
+
+
+# As module globals: reading an enum member off its class costs ~0.1 µs more, on every message.
+_OPEN, _PEER_DONE, _BROKEN, _CLOSED = Lifecycle
 
 
 class ClientConnection(Protocol):
@@ -113,7 +118,7 @@ class ClientConnection(Protocol):
 
     async def abort(self) -> None:
         """Shut the transport at once, without a closing handshake. A send blocked on a peer
-        that stops reading fails with ClientGone (or a closed-resource error) right away."""
+        that stops reading fails with ClientGone right away."""
         ...
 
 
@@ -122,7 +127,7 @@ class WsprotoConnection:
 
     One task receives (`receive_text`); any number of tasks may send concurrently: every write
     to the stream happens under `_send_lock`, including the Pongs and Close replies that the
-    receive path emits.
+    receive path emits. Its state is one `Lifecycle`, shown in its repr.
     """
 
     def __init__(
@@ -137,22 +142,25 @@ class WsprotoConnection:
         self._max_message_bytes = max_message_bytes
         self._send_lock = trio.Lock()
         self._last_pong: bytes | None = None
-        # Set once the peer closed or the stream broke: receive_text returns None from then on.
-        self._remote_done = False
-        # Set when a write was interrupted mid-frame: the framing is corrupt, nothing more may go.
-        self._broken = False
-        self._closed = False
+        self._state = _OPEN
         self._parts: list[str] = []
         self._parts_size = 0
-        self._skipping_binary = False
+
+    def __repr__(self) -> str:
+        return f"<WsprotoConnection {self._state.name.lower()}>"
+
+    @property
+    def state(self) -> Lifecycle:
+        return self._state
+
+    def _advance(self, state: Lifecycle) -> None:
+        """Move on to `state`, unless the connection is past it already."""
+        if state > self._state:
+            self._state = state
 
     @property
     def last_pong(self) -> bytes | None:
         return self._last_pong
-
-    @property
-    def is_closed(self) -> bool:
-        return self._closed or self._remote_done
 
     async def send_text(self, text: str) -> None:
         await self._send(TextMessage(data=text))
@@ -164,8 +172,7 @@ class WsprotoConnection:
         await self._send(Ping(payload=payload))
 
     async def abort(self) -> None:
-        self._remote_done = True
-        if not self._closed:
+        if self._state is not _CLOSED:
             await self._shut_stream()
 
     async def _send(self, *events: TextMessage | Ping | Pong | CloseConnection) -> None:
@@ -178,7 +185,7 @@ class WsprotoConnection:
         except trio.WouldBlock:
             await lock.acquire()
         try:
-            if self._broken or self._closed:
+            if self._state >= _BROKEN:
                 raise ClientGone("the WebSocket connection is closed")
             try:
                 data = b"".join([self._ws.send(event) for event in events])
@@ -190,12 +197,12 @@ class WsprotoConnection:
                 if sent < len(data):
                     await self._stream.send_all(memoryview(data)[sent:])
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                self._broken = True
+                self._advance(_BROKEN)
                 raise ClientGone(f"the WebSocket peer has gone: {exc!r}") from exc
             except BaseException:
                 # Cancelled (e.g. a write timeout) part-way through a frame: the stream now holds
                 # half a frame, so it can carry nothing else. Re-raise; close() will drop it.
-                self._broken = True
+                self._advance(_BROKEN)
                 raise
         finally:
             lock.release()
@@ -213,26 +220,26 @@ class WsprotoConnection:
             return 0
 
     async def receive_text(self) -> str | None:
-        while not self._remote_done:
+        while self._state is _OPEN:
             for event in self._ws.events():
                 text = await self._handle_event(event)
                 if text is not None:
                     return text
-                if self._remote_done:
+                if self._state is not _OPEN:
                     return None
-            if self._remote_done:
+            if self._state is not _OPEN:
                 break
             try:
                 data = await self._stream.receive_some(_RECEIVE_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
-                self._remote_done = True
+                self._advance(_PEER_DONE)
                 break
             try:
                 self._ws.receive_data(data)
             except (LocalProtocolError, RemoteProtocolError):
-                self._remote_done = True
+                self._advance(_PEER_DONE)
         return None
 
     async def _handle_event(self, event: Any) -> str | None:
@@ -251,7 +258,7 @@ class WsprotoConnection:
             self._parts_size = 0
             if not text:
                 # Kallichore treats an empty text message as the client closing.
-                self._remote_done = True
+                self._advance(_PEER_DONE)
                 await self.close()
                 return None
             return text
@@ -262,7 +269,7 @@ class WsprotoConnection:
             try:
                 await self._send(event.response())
             except ClientGone:
-                self._remote_done = True
+                self._advance(_PEER_DONE)
             return None
         if isinstance(event, Pong):
             self._last_pong = bytes(event.payload)
@@ -276,11 +283,11 @@ class WsprotoConnection:
         return None
 
     async def _close_with(self, code: int) -> None:
-        self._remote_done = True
-        if self._closed:
+        if self._state is _CLOSED:
             return
+        self._advance(_PEER_DONE)
         try:
-            if not self._broken and self._ws.state in (
+            if self._state is not _BROKEN and self._ws.state in (
                 ConnectionState.OPEN,
                 ConnectionState.REMOTE_CLOSING,
             ):
@@ -299,7 +306,7 @@ class WsprotoConnection:
         await self._close_with(CloseReason.NO_STATUS_RCVD)
 
     async def _shut_stream(self) -> None:
-        self._closed = True
+        self._state = _CLOSED
         # aclose never blocks for long and wakes a receiver blocked on the stream.
         await trio.aclose_forcefully(self._stream)
 
@@ -429,162 +436,3 @@ async def accept_websocket(
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise ClientGone(f"peer went away during the WebSocket handshake: {exc!r}") from exc
     return WsprotoConnection(stream, ws, max_message_bytes=max_message_bytes)
-
-
-#: A file's identity: (st_dev, st_ino).
-FileIdentity = tuple[int, int]
-
-
-def file_identity(path: Path) -> FileIdentity | None:
-    """(st_dev, st_ino) of whatever is at path (not following a symlink), None if nothing is."""
-    try:
-        st = path.lstat()
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
-def remove_stale_socket(path: Path) -> None:
-    """Remove a socket (or any non-directory) left at path by an earlier listener."""
-    try:
-        if not stat.S_ISDIR(path.lstat().st_mode):
-            path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def _remove_own_socket(path: Path, ident: FileIdentity) -> None:
-    """Unlink path if it is still the file our listening socket was bound to.
-
-    Called while that socket is still open: a bound socket keeps its file's inode allocated,
-    so a file with the same identity can only be ours. Once the socket is closed the inode
-    number is free, and the next socket bound at the path can get it back (ext4 does so at
-    once), which would make someone else's socket look like ours.
-    """
-    if file_identity(path) == ident:
-        try:
-            path.unlink()
-        except OSError as exc:
-            log.warning("Could not remove socket %s: %s", path, exc)
-
-
-async def serve_unix_socket(
-    path: Path,
-    handler: Callable[[ClientConnection], Awaitable[None]],
-    *,
-    authorize: Authorize,
-    handshake_timeout: float,
-    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Listen on a Unix socket at path (mode 0600) and run handler(conn) per WebSocket client
-    that `authorize` lets in (accept_websocket).
-
-    A failure in one connection is logged and never stops the listener. Cancelling this task
-    ends the open connections too (they live in its nursery) and removes the socket file, unless
-    something else has replaced it in the meantime.
-    """
-    remove_stale_socket(path)
-    sock = trio.socket.socket(stdlib_socket.AF_UNIX, stdlib_socket.SOCK_STREAM)
-    try:
-        await sock.bind(os.fspath(path))
-        # chmod before listen(): until listen() nobody can connect, so the socket is never
-        # reachable with the umask's (wider) permissions.
-        os.chmod(path, 0o600)
-        st = path.lstat()
-        ident = (st.st_dev, st.st_ino)
-        sock.listen(stdlib_socket.SOMAXCONN)
-    except BaseException:
-        sock.close()
-        raise
-    listener = trio.SocketListener(sock)
-    try:
-        async with trio.open_nursery() as nursery:
-            task_status.started(path)
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    # EMFILE and friends: back off instead of spinning or dying.
-                    log.warning("Accept failed on %s: %s", path, exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(_serve_one, stream, handler, authorize,
-                                   handshake_timeout, path)
-    finally:
-        # The file goes first, with no checkpoint before it (see _remove_own_socket).
-        _remove_own_socket(path, ident)
-        await trio.aclose_forcefully(listener)
-
-
-async def _serve_one(
-    stream: trio.SocketStream,
-    handler: Callable[[ClientConnection], Awaitable[None]],
-    authorize: Authorize,
-    handshake_timeout: float,
-    path: Path,
-) -> None:
-    conn: WsprotoConnection | None = None
-    try:
-        conn = await accept_websocket(stream, authorize=authorize,
-                                      handshake_timeout=handshake_timeout)
-        await handler(conn)
-    except ClientGone as exc:
-        log.debug("Client on %s left: %s", path, exc)
-    except Exception:
-        log.exception("Error serving a WebSocket client on %s", path)
-    finally:
-        if conn is not None:
-            await conn.close()
-        else:
-            await trio.aclose_forcefully(stream)
-
-
-def _name_prefix(session_id: str) -> str:
-    """The first 8 bytes of the id, cut back to a character boundary; no path separators."""
-    raw = session_id.encode("utf-8", errors="surrogatepass")[:8]
-    prefix = raw.decode("utf-8", errors="ignore")
-    return prefix.replace("/", "_").replace("\0", "_")
-
-
-def session_socket_path(socket_dir: Path, session_id: str, pid: int, serial: int) -> Path:
-    """A per-session socket path: `kc-<pid>.<first 8 bytes of id>.<serial>.sock`.
-
-    `serial` (one number per listener the daemon ever binds) makes the path unique: ids often
-    share their first 8 bytes (`python-<hex>`), and a path shared by two sessions would lead a
-    client to the wrong kernel (docs/differences.md, "Transport"). The id prefix is there for
-    people reading the directory. A path over 104 bytes falls back to `kc-<pid>.<serial>.sock`;
-    if that is still too long, SocketPathTooLong. Kallichore slices 8 bytes and can panic on a
-    non-ASCII id; we cut at a character boundary.
-    """
-    path = socket_dir / f"kc-{pid}.{_name_prefix(session_id)}.{serial}.sock"
-    if len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES:
-        return path
-    path = socket_dir / f"kc-{pid}.{serial}.sock"
-    if len(os.fsencode(path)) <= MAX_SOCKET_PATH_BYTES:
-        return path
-    raise SocketPathTooLong(path)
-
-
-def default_socket_dir(config: Config) -> Path:
-    """--socket-dir, else $XDG_RUNTIME_DIR, else the temp dir."""
-    if config.socket_dir is not None:
-        return config.socket_dir
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return Path(xdg)
-    return Path(tempfile.gettempdir())
-
-
-def main_socket_path(config: Config, pid: int) -> Path:
-    """The generated main API socket `kc-<pid>.sock` (docs/protocol.md §1.2), when --unix-socket is absent.
-
-    An over-long XDG runtime dir falls back to the temp dir, as Kallichore does.
-    """
-    if config.unix_socket is not None:
-        return config.unix_socket
-    path = default_socket_dir(config) / f"kc-{pid}.sock"
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES and config.socket_dir is None:
-        path = Path(tempfile.gettempdir()) / f"kc-{pid}.sock"
-    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
-        raise SocketPathTooLong(path)
-    return path
