@@ -12,7 +12,7 @@ import attrs
 
 from kallichore_trio.models import Status
 
-#: Statuses in which the idle clock runs (and that "nudge" the idle-shutdown timer).
+#: Statuses in which the idle clock runs (and that restart it: the on_activity callback).
 IDLE_LIKE: frozenset[str] = frozenset({"idle", "ready", "exited"})
 
 
