@@ -23,8 +23,14 @@ from kallichore_trio import config
 from kallichore_trio.busypoll import BusyPoll
 from kallichore_trio.session.kernel import Kernel
 from kallichore_trio.session.session import KernelSession
-from tests.conftest import RunningDaemon, _daemon, daemon_config
-from tests.test_end_to_end import collect_until_done, execute_request, is_idle_for
+from tests.helpers import (
+    RunningDaemon,
+    collect_until_done,
+    daemon_config,
+    execute_request,
+    is_idle_for,
+    running_daemon,
+)
 
 
 class HandClock:
@@ -187,7 +193,7 @@ def poller() -> BusyPoll:
 async def polled(
     nursery: trio.Nursery, tmp_path: Path, poller: BusyPoll
 ) -> AsyncIterator[RunningDaemon]:
-    async for running in _daemon(nursery, daemon_config(tmp_path), busy_poll=poller):
+    async for running in running_daemon(nursery, daemon_config(tmp_path), busy_poll=poller):
         yield running
 
 

@@ -9,13 +9,15 @@ import attrs
 import pytest
 import trio
 
-from tests.conftest import RunningDaemon, _daemon, daemon_config
-from tests.lifecycle_helpers import (
+from tests.helpers import (
+    RunningDaemon,
+    daemon_config,
     is_reply_to,
     is_status,
     kernel_event,
     mini_argv,
     open_channel,
+    running_daemon,
     session_json,
     stream_text,
     wait_status,
@@ -135,7 +137,7 @@ async def quick_heartbeat_daemon(
 ) -> AsyncIterator[RunningDaemon]:
     config = daemon_config(tmp_path)
     timeouts = attrs.evolve(config.timeouts, heartbeat_reply=0.5, heartbeat_period=0.2)
-    async for running in _daemon(nursery, attrs.evolve(config, timeouts=timeouts)):
+    async for running in running_daemon(nursery, attrs.evolve(config, timeouts=timeouts)):
         yield running
 
 

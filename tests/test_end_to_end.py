@@ -4,63 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
 
 import psutil
 import trio
 from httpx_ws import aconnect_ws
 
-from tests.conftest import RunningDaemon
-
-
-def execute_request(code: str, msg_id: str | None = None) -> dict[str, Any]:
-    return {
-        "header": {
-            "msg_id": msg_id or uuid.uuid4().hex,
-            "msg_type": "execute_request",
-            "session": "client-session",
-            "username": "someone",
-            "date": "2026-01-01T00:00:00.000Z",
-            "version": "5.3",
-        },
-        "parent_header": None,
-        "channel": "shell",
-        "content": {
-            "code": code,
-            "silent": False,
-            "store_history": True,
-            "user_expressions": {},
-            "allow_stdin": False,
-            "stop_on_error": True,
-        },
-        "metadata": {},
-        "buffers": [],
-    }
-
-
-def is_reply_to(frame: dict, msg_id: str, msg_type: str) -> bool:
-    return (
-        frame.get("kind") == "jupyter"
-        and frame["header"]["msg_type"] == msg_type
-        and (frame["parent_header"] or {}).get("msg_id") == msg_id
-    )
-
-
-def is_idle_for(frame: dict, msg_id: str) -> bool:
-    return is_reply_to(frame, msg_id, "status") and frame["content"]["execution_state"] == "idle"
-
-
-async def collect_until_done(ws: Any, msg_id: str, timeout: float = 30) -> list[dict]:
-    """Frames until both the execute_reply and the idle status for `msg_id` have arrived
-    (they come on different sockets, so in either order)."""
-    frames: list[dict] = []
-    with trio.fail_after(timeout):
-        while not (
-            any(is_idle_for(f, msg_id) for f in frames)
-            and any(is_reply_to(f, msg_id, "execute_reply") for f in frames)
-        ):
-            frames.append(json.loads(await ws.receive_text()))
-    return frames
+from tests.helpers import RunningDaemon, collect_until_done, execute_request, is_idle_for
 
 
 async def test_print_6_times_7_through_the_daemon(daemon: RunningDaemon) -> None:

@@ -8,11 +8,12 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import RunningDaemon, new_session_body
-from tests.lifecycle_helpers import (
+from tests.helpers import (
+    RunningDaemon,
     is_status,
     kernel_event,
     mini_argv,
+    new_session_body,
     open_channel,
     process_gone,
     session_json,

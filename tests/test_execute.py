@@ -9,38 +9,18 @@ from typing import Any
 import httpx
 import trio
 
-from kallichore_trio import models
-from tests.conftest import RunningDaemon
-from tests.lifecycle_helpers import (
+from tests.helpers import (
     Channel,
+    RunningDaemon,
+    execute,
+    execute_ok,
     execute_request,
     kernel_event,
     open_channel,
+    started,
     stream_text,
     wait_status,
 )
-
-
-async def execute(daemon: RunningDaemon, session_id: str, code: str,
-                  **fields: Any) -> httpx.Response:
-    return await daemon.client.post(f"/sessions/{session_id}/execute",
-                                    json={"code": code, **fields}, timeout=60)
-
-
-async def execute_ok(daemon: RunningDaemon, session_id: str, code: str,
-                     **fields: Any) -> dict[str, Any]:
-    response = await execute(daemon, session_id, code, **fields)
-    assert response.status_code == 200, response.text
-    body = response.json()
-    # Every answer is an executeResponse, exactly (strict converter, exact field names).
-    assert models.dump(models.converter.structure(body, models.ExecuteResponse)) == body
-    return body
-
-
-async def started(daemon: RunningDaemon) -> str:
-    session_id = await daemon.create()
-    assert (await daemon.start(session_id)).status_code == 200
-    return session_id
 
 
 async def test_execute_returns_output_result_errors_and_displays(daemon: RunningDaemon) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import RunningDaemon
-from tests.lifecycle_helpers import (
+from tests.helpers import (
     Channel,
+    RunningDaemon,
     is_reply_to,
     kernel_event,
     open_channel,

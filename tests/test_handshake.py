@@ -8,7 +8,10 @@ import sys
 import trio
 from httpx_ws import aconnect_ws
 
-from tests.conftest import KERNELS, RunningDaemon
+from tests.helpers import (
+    KERNELS,
+    RunningDaemon,
+)
 
 
 async def test_a_jep66_kernel_registers_its_ports_and_starts(daemon: RunningDaemon) -> None:

@@ -7,9 +7,14 @@ import time
 from typing import Any
 
 from kallichore_trio import models
-from tests.conftest import RunningDaemon
-from tests.lifecycle_helpers import execute_request, open_channel, session_json
-from tests.test_execute import execute_ok, started
+from tests.helpers import (
+    RunningDaemon,
+    execute_ok,
+    execute_request,
+    open_channel,
+    session_json,
+    started,
+)
 
 
 async def history(daemon: RunningDaemon, session_id: str) -> list[dict[str, Any]]:

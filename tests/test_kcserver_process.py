@@ -24,8 +24,11 @@ import pytest
 import trio
 from httpx_ws import aconnect_ws
 
-from tests.conftest import new_session_body
-from tests.test_end_to_end import execute_request, is_idle_for
+from tests.helpers import (
+    execute_request,
+    is_idle_for,
+    new_session_body,
+)
 
 KCSERVER = Path(sys.executable).parent / "kcserver"
 STARTUP_TIMEOUT = 20.0

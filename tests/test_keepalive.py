@@ -18,10 +18,18 @@ from wsproto.connection import Connection
 from wsproto.events import Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
-from tests.conftest import RunningDaemon, _daemon, daemon_config
-from tests.lifecycle_helpers import open_channel, session_json, stream_text
-from tests.raw_ws import RawWebSocket, auth_headers
-from tests.test_end_to_end import execute_request, is_idle_for
+from tests.helpers import (
+    RawWebSocket,
+    RunningDaemon,
+    auth_headers,
+    daemon_config,
+    execute_request,
+    is_idle_for,
+    open_channel,
+    running_daemon,
+    session_json,
+    stream_text,
+)
 
 PING_PERIOD = 0.1
 
@@ -30,7 +38,7 @@ PING_PERIOD = 0.1
 async def pinging_daemon(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RunningDaemon]:
     config = daemon_config(tmp_path)
     timeouts = attrs.evolve(config.timeouts, client_ping=PING_PERIOD, client_write=0.5)
-    async for running in _daemon(nursery, attrs.evolve(config, timeouts=timeouts)):
+    async for running in running_daemon(nursery, attrs.evolve(config, timeouts=timeouts)):
         yield running
 
 
@@ -98,7 +106,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_the_next_gets_the_rest
     # Pings off (a long period), so only the stuck write can end this client.
     config = daemon_config(tmp_path)
     timeouts = attrs.evolve(config.timeouts, client_ping=3600.0, client_write=0.5)
-    async for daemon in _daemon(nursery, attrs.evolve(config, timeouts=timeouts)):
+    async for daemon in running_daemon(nursery, attrs.evolve(config, timeouts=timeouts)):
         session_id = await started(daemon)
         ws = await connect(daemon, session_id)
         msg_id = "big-output"

@@ -14,8 +14,8 @@ import psutil
 import pytest
 import trio
 
-from tests.conftest import RunningDaemon
-from tests.lifecycle_helpers import (
+from tests.helpers import (
+    RunningDaemon,
     is_reply_to,
     is_status,
     jupyter_message,

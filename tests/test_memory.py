@@ -14,8 +14,13 @@ from httpx_ws import aconnect_ws
 
 from kallichore_trio.config import AllocatorTrim
 from kallichore_trio.memory import BurstWatch, load_malloc_trim, trim_after_bursts
-from tests.conftest import RunningDaemon, _daemon, daemon_config
-from tests.test_end_to_end import collect_until_done, execute_request
+from tests.helpers import (
+    RunningDaemon,
+    collect_until_done,
+    daemon_config,
+    execute_request,
+    running_daemon,
+)
 
 # Each row: the per-session counts seen at successive checks, and whether each check trims.
 BURSTS = [
@@ -80,7 +85,7 @@ async def test_without_malloc_trim_the_trimmer_returns_at_once() -> None:
 async def trimming_daemon(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RunningDaemon]:
     config = daemon_config(tmp_path, allocator_trim=AllocatorTrim(check_every=0.3,
                                                                   burst_frames=300))
-    async for running in _daemon(nursery, config):
+    async for running in running_daemon(nursery, config):
         yield running
 
 

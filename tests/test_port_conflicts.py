@@ -8,8 +8,14 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import KERNELS, RunningDaemon
-from tests.lifecycle_helpers import kernel_event, open_channel, session_json, stream_text
+from tests.helpers import (
+    KERNELS,
+    RunningDaemon,
+    kernel_event,
+    open_channel,
+    session_json,
+    stream_text,
+)
 
 #: Far longer than a start takes, so a conflict noticed only by timing out fails the test.
 NEVER = 600

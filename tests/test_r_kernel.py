@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 import trio
 
-from tests.conftest import RunningDaemon
-from tests.lifecycle_helpers import (
+from tests.helpers import (
     Channel,
+    RunningDaemon,
+    execute_request,
     is_reply_to,
     is_status,
     kernel_event,
@@ -29,7 +30,6 @@ from tests.lifecycle_helpers import (
     stream_text,
     wait_process_gone,
 )
-from tests.test_end_to_end import execute_request
 
 
 def _irkernel_missing() -> str | None:

@@ -31,9 +31,17 @@ from kallichore_trio.api import create_app
 from kallichore_trio.app import run_daemon
 from kallichore_trio.config import Config
 from kallichore_trio.daemon import Daemon
-from tests.conftest import TOKEN, RunningDaemon, _daemon, daemon_config, new_session_body
-from tests.lifecycle_helpers import execute_request, is_idle_for, mini_argv
-from tests.raw_ws import RawWebSocket
+from tests.helpers import (
+    TOKEN,
+    RawWebSocket,
+    RunningDaemon,
+    daemon_config,
+    execute_request,
+    is_idle_for,
+    mini_argv,
+    new_session_body,
+    running_daemon,
+)
 
 WRONG = "wrong-token-0123456789"
 NO_SUCH = "no-such-session"
@@ -332,7 +340,7 @@ async def test_a_web_page_is_refused(daemon: RunningDaemon) -> None:
 @pytest.fixture
 async def allowing(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RunningDaemon]:
     config = daemon_config(tmp_path, allowed_origins=frozenset({"http://localhost:3000"}))
-    async for running in _daemon(nursery, config):
+    async for running in running_daemon(nursery, config):
         yield running
 
 
@@ -350,7 +358,7 @@ async def test_allowed_origins_are_served(allowing: RunningDaemon) -> None:
 
 @pytest.fixture
 async def open_daemon(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RunningDaemon]:
-    async for running in _daemon(nursery, daemon_config(tmp_path, token=None)):
+    async for running in running_daemon(nursery, daemon_config(tmp_path, token=None)):
         yield running
 
 
@@ -392,7 +400,7 @@ OTHER_SECRET = f"other-{uuid.uuid4().hex}"
 
 @pytest.fixture
 async def secret_daemon(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RunningDaemon]:
-    async for running in _daemon(nursery, daemon_config(tmp_path, token=SECRET)):
+    async for running in running_daemon(nursery, daemon_config(tmp_path, token=SECRET)):
         yield running
 
 

@@ -14,7 +14,10 @@ from httpx_ws import aconnect_ws
 
 from kallichore_trio.app import run_daemon
 from kallichore_trio.config import KALLICHORE_VERSION
-from tests.conftest import RunningDaemon, daemon_config
+from tests.helpers import (
+    RunningDaemon,
+    daemon_config,
+)
 
 
 async def test_status_reports_the_server(daemon: RunningDaemon) -> None:

@@ -25,11 +25,15 @@ from kallichore_trio.app import run_daemon
 from kallichore_trio.config import Config
 from kallichore_trio.transport import unix
 from kallichore_trio.transport.websocket import ClientConnection
-from tests.conftest import TOKEN, RunningDaemon, _daemon, _kernel_pids, daemon_config
-from tests.lifecycle_helpers import (
+from tests.helpers import (
+    TOKEN,
     Channel,
+    RunningDaemon,
+    daemon_config,
     jupyter_message,
+    kernel_pids,
     open_channel,
+    running_daemon,
     session_json,
     stream_text,
 )
@@ -51,7 +55,7 @@ def sock_dir() -> Iterator[Path]:
 @asynccontextmanager
 async def running_unix_daemon(nursery: trio.Nursery,
                               config: Config) -> AsyncIterator[RunningDaemon]:
-    before = _kernel_pids()
+    before = kernel_pids()
     address = await nursery.start(run_daemon, config)
     assert address.socket_path is not None
     transport = httpx.AsyncHTTPTransport(uds=address.socket_path)
@@ -66,7 +70,7 @@ async def running_unix_daemon(nursery: trio.Nursery,
                 except httpx.HTTPError:
                     pass
     with trio.fail_after(30):
-        while _kernel_pids() - before:
+        while kernel_pids() - before:
             await trio.sleep(0.05)
 
 
@@ -184,7 +188,7 @@ async def transport(
 ) -> AsyncIterator[Transport]:
     config = daemon_config(sock_dir, transport=request.param)
     if request.param == "tcp":
-        async for daemon in _daemon(nursery, config):
+        async for daemon in running_daemon(nursery, config):
             yield Transport(daemon)
     else:
         async with running_unix_daemon(nursery, config) as daemon:

@@ -11,9 +11,14 @@ import httpx
 import trio
 
 from kallichore_trio.app import run_daemon
-from tests.conftest import TOKEN, daemon_config, new_session_body
-from tests.raw_ws import RawWebSocket
-from tests.test_end_to_end import execute_request, is_idle_for
+from tests.helpers import (
+    TOKEN,
+    RawWebSocket,
+    daemon_config,
+    execute_request,
+    is_idle_for,
+    new_session_body,
+)
 
 
 async def test_a_kernel_over_the_unix_socket_transport(tmp_path: Path) -> None:

@@ -9,8 +9,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningDaemon
-from tests.lifecycle_helpers import open_channel, session_json, stream_text
+from tests.helpers import (
+    KERNELS,
+    RunningDaemon,
+    open_channel,
+    session_json,
+    stream_text,
+)
 
 PRINT_VARS = "import os; print(repr([os.environ.get(n, 'NOT_SET') for n in {names!r}]))"
 
@@ -125,7 +130,7 @@ async def test_a_subprocess_of_the_kernel_runs_in_every_startup_environment(
     session_id = await daemon.create(connection_timeout=15, **fields)
     response = await daemon.start(session_id)
     assert response.status_code == 200, response.text
-    script = Path(__file__).parent / "kernels" / "startup_probe.py"
+    script = KERNELS / "startup_probe.py"
     code = ("import subprocess, sys\n"
             f"print(subprocess.run([sys.executable, {str(script)!r}, 'test_{name}', {mode!r}],"
             " capture_output=True, text=True, check=True).stdout)")

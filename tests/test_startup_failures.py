@@ -7,8 +7,12 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import RunningDaemon
-from tests.lifecycle_helpers import mini_argv, session_json, wait_process_gone
+from tests.helpers import (
+    RunningDaemon,
+    mini_argv,
+    session_json,
+    wait_process_gone,
+)
 
 
 async def test_startup_failure_exit_at_once_returns_500_with_output_and_exit_code(

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import uuid
 
-from tests.conftest import RunningDaemon
-from tests.lifecycle_helpers import is_reply_to, open_channel, stream_text
-from tests.test_end_to_end import execute_request
+from tests.helpers import (
+    RunningDaemon,
+    execute_request,
+    is_reply_to,
+    open_channel,
+    stream_text,
+)
 
 
 async def test_input_request_reaches_the_client_and_the_reply_the_kernel(

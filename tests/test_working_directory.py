@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningDaemon
-from tests.lifecycle_helpers import (
+from tests.helpers import (
     Channel,
+    RunningDaemon,
     is_status,
     kernel_event,
     open_channel,
