@@ -30,9 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kallichore_trio.app import run_daemon
 from kallichore_trio.session import session
 from kallichore_trio.transport import websocket, zmq_trio
-from tests.conftest import daemon_config, new_session_body
-from tests.raw_ws import RawWebSocket
-from tests.test_end_to_end import execute_request
+from tests.helpers import RawWebSocket, daemon_config, execute_request, new_session_body
 
 marks: dict[str, float] = {}
 

@@ -10,6 +10,9 @@ answering).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -404,3 +407,101 @@ class RawWebSocket:
         """Keep reading (and answering Pings, if told to) until the server closes."""
         while await self._pump():
             pass
+
+
+# ---- the kcserver process -----------------------------------------------------------------
+
+KCSERVER = Path(sys.executable).parent / "kcserver"
+STARTUP_TIMEOUT = 20.0
+#: The daemon waits up to 30 s for kernels after SIGTERM; with none it should be quick.
+EXIT_TIMEOUT = 40.0
+
+
+@attrs.define
+class Server:
+    process: trio.Process
+    doc: dict[str, Any]
+    out: Path
+    err: Path
+
+    def client(self) -> httpx.AsyncClient:
+        headers = {}
+        if self.doc.get("bearer_token"):
+            headers["Authorization"] = f"Bearer {self.doc['bearer_token']}"
+        if "socket_path" in self.doc:
+            transport = httpx.AsyncHTTPTransport(uds=self.doc["socket_path"])
+            return httpx.AsyncClient(transport=transport, base_url="http://localhost",
+                                     headers=headers, timeout=10)
+        return httpx.AsyncClient(base_url=self.doc["base_path"], headers=headers, timeout=10)
+
+    async def wait_exit(self) -> int:
+        with trio.fail_after(EXIT_TIMEOUT):
+            return await self.process.wait()
+
+    def output(self) -> str:
+        return self.out.read_text() + self.err.read_text()
+
+
+@asynccontextmanager
+async def launch(
+    args: list[str], work: Path, *, handshake: Path | None = None
+) -> AsyncIterator[Server]:
+    """Start kcserver, wait for its connection document (file or handshake), and make sure it
+    is gone afterwards."""
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(work))
+    env.pop("RUST_LOG", None)
+    out, err = work / "stdout.txt", work / "stderr.txt"
+    listener = None
+    if handshake is not None:
+        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await listener.bind(str(handshake))
+        os.chmod(handshake, 0o600)
+        listener.listen(1)
+    with out.open("wb") as fout, err.open("wb") as ferr:
+        process = await trio.lowlevel.open_process(
+            [str(KCSERVER), *args], stdout=fout, stderr=ferr, env=env, cwd=work
+        )
+    try:
+        with trio.fail_after(STARTUP_TIMEOUT):
+            if listener is not None:
+                with listener:
+                    doc = await _read_handshake(listener)
+            else:
+                conn_file = Path(args[args.index("--connection-file") + 1])
+                doc = await _poll_connection_file(conn_file, process)
+        yield Server(process, doc, out, err)
+    finally:
+        if process.returncode is None:
+            process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+async def _read_handshake(listener: trio.socket.SocketType) -> dict[str, Any]:
+    conn, _ = await listener.accept()
+    data = bytearray()
+    with conn:
+        while chunk := await conn.recv(65536):
+            data.extend(chunk)
+    assert data.endswith(b"\n")
+    return json.loads(data)
+
+
+async def _poll_connection_file(path: Path, process: trio.Process) -> dict[str, Any]:
+    while True:
+        if process.poll() is not None:
+            raise AssertionError(f"kcserver exited early with {process.returncode}")
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            await trio.sleep(0.05)
+
+
+async def stop(server: Server, how: str) -> None:
+    if how == "sigterm":
+        server.process.send_signal(signal.SIGTERM)
+    else:
+        async with server.client() as client:
+            response = await client.post("/shutdown")
+        assert response.status_code == 200
+    assert await server.wait_exit() == 0, server.output()

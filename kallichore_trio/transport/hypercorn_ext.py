@@ -23,9 +23,9 @@ not do, and this module adds by replacing two of its classes (`install()`):
    per-connection task would end `serve` and with it the daemon. `GuardedTCPServer` logs it and
    closes only that connection.
 
-Hypercorn is pinned in pyproject.toml, and tests/test_keepalive.py fails if the replacement
-stops taking effect (the channel route also refuses a WebSocket whose scope lacks the handover),
-so an upgrade that changes these internals fails loudly rather than silently.
+Hypercorn is pinned in pyproject.toml, and tests/integration/test_keepalive.py fails if the
+replacement stops taking effect (the channel route also refuses a WebSocket whose scope lacks
+the handover), so an upgrade that changes these internals fails loudly rather than silently.
 """
 
 from __future__ import annotations

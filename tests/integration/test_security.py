@@ -38,9 +38,11 @@ from tests.helpers import (
     daemon_config,
     execute_request,
     is_idle_for,
+    launch,
     mini_argv,
     new_session_body,
     running_daemon,
+    stop,
 )
 
 WRONG = "wrong-token-0123456789"
@@ -450,8 +452,6 @@ async def test_the_token_is_never_logged(
 
 
 async def test_the_token_is_not_on_the_kcserver_command_line() -> None:
-    from tests.test_kcserver_process import launch, stop
-
     work = Path(tempfile.mkdtemp(prefix="kcsec-", dir="/tmp"))
     try:
         token_file = work / "token"

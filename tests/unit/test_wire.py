@@ -83,7 +83,7 @@ def kernel_frames(
 
 
 def test_wire_package_imports_only_stdlib_and_attrs() -> None:
-    wire_dir = Path(__file__).parent.parent / "kallichore_trio" / "wire"
+    wire_dir = Path(__file__).parents[2] / "kallichore_trio" / "wire"
     allowed = set(sys.stdlib_module_names) | {"attrs", "kallichore_trio"}
     for source in wire_dir.glob("*.py"):
         tree = ast.parse(source.read_text())

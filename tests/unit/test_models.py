@@ -14,7 +14,7 @@ from kallichore_trio import models
 
 # A copy of the contract (Kallichore's OpenAPI document), with the 0.1.69 additions written in as
 # docs/differences.md describes them ("Execute and history").
-SPEC = json.loads((Path(__file__).parent / "data" / "kallichore.json").read_text())
+SPEC = json.loads((Path(__file__).parents[1] / "data" / "kallichore.json").read_text())
 NOW = dt.datetime(2026, 3, 2, 16, 6, 1, 123456, tzinfo=dt.UTC)
 
 EXAMPLES: dict[str, Any] = {

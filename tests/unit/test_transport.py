@@ -1,4 +1,5 @@
-"""Per-session Unix-socket WebSockets (transport/), the connection document and the handshake."""
+"""transport/websocket.py and unix.py (per-session Unix-socket WebSockets), and discovery.py
+(the connection document and the handshake)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A prompt for input (ipykernel's `input()`) reaches the client and its answer the kernel.
 
 The kernel addresses its input_request with the shell request's routing prefix on its stdin
-ROUTER (docs/architecture.md); tests/test_r_kernel.py checks the same with IRkernel.
+ROUTER (docs/architecture.md); tests/integration/test_r_kernel.py checks the same with IRkernel.
 """
 
 from __future__ import annotations
