@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BENCH_VENV ?= .bench-venv
 
-.PHONY: run test bench lint clean
+.PHONY: run test test-unit bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/kcserver --transport tcp $(ARGS)
 
-## Run the whole test suite against real ipykernel kernels.
+## Run the whole test suite (tests/unit and tests/integration, against real ipykernel kernels).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## Run only the fast half: no kernel, no daemon (tests/unit), in seconds.
+test-unit: $(STAMP)
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

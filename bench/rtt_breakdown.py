@@ -27,12 +27,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kallichore_trio import wsconn, zmq_trio
-from kallichore_trio.daemon import run_daemon
+from kallichore_trio.app import run_daemon
 from kallichore_trio.session import session
-from tests.conftest import daemon_config, new_session_body
-from tests.raw_ws import RawWebSocket
-from tests.test_end_to_end import execute_request
+from kallichore_trio.transport import websocket, zmq_trio
+from tests.helpers import RawWebSocket, daemon_config, execute_request, new_session_body
 
 marks: dict[str, float] = {}
 
@@ -64,7 +62,7 @@ def is_idle(_session: Any, msg: Any, channel: str, **_: Any) -> bool:
     return channel == "iopub" and msg.msg_type == "status" and b'"idle"' in msg.content
 
 
-mark(wsconn.WsprotoConnection, "receive_text", "reader has the frame")
+mark(websocket.WsprotoConnection, "receive_text", "reader has the frame")
 mark(session.KernelSession, "deliver", "delivered to the kernel")
 mark(zmq_trio.TrioSocket, "send", "handed to zmq", lambda sock, *_, **__: sock.name == "shell")
 mark(session.KernelSession, "on_kernel_message", "idle status parsed", is_idle)

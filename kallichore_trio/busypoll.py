@@ -28,14 +28,14 @@ _yield_cpu: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
 
 
 class BusyPoll:
-    """Polls for `window` seconds after the last `touch`; 0 turns it off. `run` is its task."""
+    """Polls for `window` seconds after the last `on_traffic`; 0 turns it off. `run` is its task."""
 
     def __init__(self, window: float, *, clock: Callable[[], float] = trio.current_time) -> None:
         if window < 0:
             raise ValueError(f"the busy-poll window must be >= 0, not {window!r}")
         self.window = window
         self._clock = clock
-        self._touches = 0
+        self._traffic_reports = 0
         self._parked: trio.Event | None = None
         #: True while the loop is kept turning; the counts are for tests and the repr.
         self.polling = False
@@ -48,14 +48,14 @@ class BusyPoll:
                 f"turns={self.turns}>")
 
     @property
-    def touches(self) -> int:
-        """How many times traffic was reported."""
-        return self._touches
+    def traffic_reports(self) -> int:
+        """How many times traffic was reported (on_traffic calls)."""
+        return self._traffic_reports
 
-    def touch(self) -> None:
+    def on_traffic(self) -> None:
         """Traffic: poll until `window` after now. Cheap: called once per batch from a kernel
         and once per client message."""
-        self._touches += 1
+        self._traffic_reports += 1
         if self._parked is not None:
             self._parked.set()
 
@@ -74,14 +74,14 @@ class BusyPoll:
                 self.polling = False
 
     async def _poll(self) -> None:
-        seen = self._touches
+        seen = self._traffic_reports
         until = self._clock() + self.window
         while True:
             _yield_cpu()
             await trio.lowlevel.checkpoint()
             self.turns += 1
-            if self._touches != seen:
-                seen = self._touches
+            if self._traffic_reports != seen:
+                seen = self._traffic_reports
                 until = self._clock() + self.window
             elif self._clock() >= until:
                 return

@@ -1,4 +1,6 @@
-"""The `kcserver` command line: Kallichore-compatible flags -> Config -> the daemon (spec §4.1).
+"""The `kcserver` command line: Kallichore-compatible flags -> Config -> the daemon.
+
+The flags are kcserver's (docs/protocol.md §1.1).
 
 Positron launches kcserver with `--log-level --log-file --connection-file|--handshake-socket
 --resource-sample-interval --transport [--idle-shutdown-hours]`; `make run` launches it with
@@ -22,14 +24,14 @@ from typing import Any, TextIO, cast
 import trio
 
 from kallichore_trio.config import KALLICHORE_VERSION, Config, LogLevel, Transport
-from kallichore_trio.server_info import (
+from kallichore_trio.discovery import (
     BoundAddress,
     HandshakeError,
     connection_document,
     send_handshake,
     write_connection_file,
 )
-from kallichore_trio.wsconn import MAX_SOCKET_PATH_BYTES
+from kallichore_trio.transport.unix import MAX_SOCKET_PATH_BYTES
 
 log = logging.getLogger("kallichore_trio")
 
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def infer_transport(ns: argparse.Namespace) -> Transport:
     """Explicit --transport, else --unix-socket, --connection-file or --handshake-socket ⇒
-    socket, else tcp (spec §4.1)."""
+    socket, else tcp (docs/protocol.md §1.1)."""
     if ns.transport is not None:
         if ns.transport in ("tcp", "socket"):
             return cast(Transport, ns.transport)
@@ -378,7 +380,7 @@ async def serve(config: Config, run_daemon: RunDaemon, out: TextIO | None = None
 
 def _load_daemon() -> RunDaemon:
     # Imported late so that --help, --version and flag errors need nothing beyond this module.
-    from kallichore_trio.daemon import run_daemon
+    from kallichore_trio.app import run_daemon
 
     return run_daemon
 

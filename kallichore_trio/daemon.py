@@ -1,35 +1,23 @@
-"""The daemon: the root nursery that owns the HTTP server, the sessions and the watchdogs.
+"""The daemon: what the routes may ask besides sessions, and the daemon-wide watchers.
 
-    run_daemon
-     ├─ hypercorn serve (the Quart-Trio app)
-     ├─ registry nursery: one task per session (see session/session.py)
-     ├─ idle-shutdown watchdog
-     ├─ resource sampler, allocator trimmer (memory.py)
+`Daemon` holds shutdown, the client heartbeat and the server configuration; `run_watchers` runs
+the tasks that watch the whole daemon:
+
+     ├─ idle-shutdown watchdog (its clock: IdleClock)
+     ├─ resource sampler, allocator trimmer (memory.py), busy poller (busypoll.py)
      └─ signal watcher (SIGINT/SIGTERM -> graceful shutdown)
 
-Shutdown, whatever asked for it: every kernel gets a shutdown_request, then SIGTERM, then
-SIGKILL (each bounded), then the HTTP server stops and socket files are removed.
+It knows no front end: app.py builds it, the registry and the HTTP app, and runs them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import socket
-from functools import partial
-from pathlib import Path
-from typing import Any
 
-import attrs
-import hypercorn.config
-import hypercorn.trio
 import psutil
 import trio
-import zmq
-from jupyter_core.paths import jupyter_runtime_dir
 
-from kallichore_trio.api import create_app, hypercorn_ext
 from kallichore_trio.busypoll import BusyPoll
 from kallichore_trio.config import Config
 from kallichore_trio.errors import ConfigurationError
@@ -38,32 +26,43 @@ from kallichore_trio.models import ServerConfiguration
 from kallichore_trio.registry import SessionRegistry
 from kallichore_trio.session.resources import ProcessTreeSampler
 from kallichore_trio.timers import next_multiple
-from kallichore_trio.wsconn import main_socket_path, remove_stale_socket
 
 log = logging.getLogger(__name__)
 
 
-@attrs.frozen
-class ServerAddress:
-    transport: str
-    port: int | None = None
-    base_path: str | None = None
-    socket_path: str | None = None
+class IdleClock:
+    """When the daemon was last active, for the idle-shutdown watchdog.
+
+    Made before the registry and the Daemon, so both get it at construction: the sessions
+    report activity through the registry's `on_activity` callback, the routes through the
+    Daemon.
+    """
+
+    def __init__(self) -> None:
+        self.last_activity = trio.current_time()
+
+    def __repr__(self) -> str:
+        return f"<IdleClock last_activity={self.last_activity:.3f}>"
+
+    def on_activity(self) -> None:
+        """Something happened that means "not idle": restart the idle clock."""
+        self.last_activity = trio.current_time()
 
 
 class Daemon:
     """What the routes can ask of the daemon besides sessions: shutdown, heartbeats, config."""
 
-    def __init__(self, config: Config, registry: SessionRegistry) -> None:
+    def __init__(
+        self, config: Config, registry: SessionRegistry, idle_clock: IdleClock | None = None
+    ) -> None:
         self.config = config
         self.registry = registry
+        self.idle_clock = idle_clock if idle_clock is not None else IdleClock()
         self.shutdown_requested = trio.Event()
-        self.shutdown_reason = ""
         self.idle_shutdown_hours = config.idle_shutdown_hours
         self.resource_sample_interval_ms = config.resource_sample_interval_ms
         self.resource_include_children = config.resource_include_children
         self.client_pid: int | None = None
-        self._last_activity = trio.current_time()
         self._config_changed = trio.Event()
         self._sampler_wake = trio.Event()
 
@@ -73,18 +72,13 @@ class Daemon:
     def request_shutdown(self, reason: str) -> None:
         if not self.shutdown_requested.is_set():
             log.info("shutting down: %s", reason)
-            self.shutdown_reason = reason
             self.shutdown_requested.set()
-
-    def nudge(self) -> None:
-        """Something happened that means "not idle": restart the idle clock."""
-        self._last_activity = trio.current_time()
 
     def client_heartbeat(self, process_id: int | None) -> None:
         if process_id is not None and process_id != self.client_pid:
             log.info("tracking client process %d", process_id)
             self.client_pid = process_id
-        self.nudge()
+        self.idle_clock.on_activity()
 
     def server_configuration(self) -> ServerConfiguration:
         hours = self.idle_shutdown_hours
@@ -111,7 +105,7 @@ class Daemon:
         if children is not None and children != self.resource_include_children:
             self.resource_include_children = children
             log.info("resource samples: %s", "process tree" if children else "kernel only")
-        self.nudge()
+        self.idle_clock.on_activity()
         self._config_changed.set()
 
     # ---- idle shutdown -------------------------------------------------------------------
@@ -143,7 +137,7 @@ class Daemon:
             if period is None:
                 await self._config_changed.wait()
                 continue
-            deadline = self._last_activity + period
+            deadline = self.idle_clock.last_activity + period
             if trio.current_time() < deadline:
                 with trio.move_on_at(deadline):
                     await self._config_changed.wait()
@@ -151,7 +145,7 @@ class Daemon:
             reason = self._busy_reason()
             if reason is not None:
                 log.debug("idle timer expired but %s", reason)
-                self.nudge()
+                self.idle_clock.on_activity()
                 continue
             self.request_shutdown(f"idle for {period:.0f} s")
             return
@@ -199,7 +193,8 @@ class Daemon:
                 self.request_shutdown(f"received {signal.Signals(signum).name}")
 
 
-async def _run_watchers(daemon: Daemon, busy_poll: BusyPoll, scope: trio.CancelScope) -> None:
+async def run_watchers(daemon: Daemon, busy_poll: BusyPoll, scope: trio.CancelScope) -> None:
+    """The daemon-wide watchers, until `scope` is cancelled."""
     with scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(busy_poll.run)
@@ -207,90 +202,3 @@ async def _run_watchers(daemon: Daemon, busy_poll: BusyPoll, scope: trio.CancelS
             nursery.start_soon(daemon.idle_watchdog)
             nursery.start_soon(daemon.resource_sampler)
             nursery.start_soon(daemon.trim_memory)
-
-
-def _bind_socket(config: Config) -> tuple[socket.socket, ServerAddress, Path | None]:
-    """Bind the API socket ourselves so that its mode is 0600 before anyone can connect."""
-    if config.transport == "socket":
-        path = config.unix_socket or main_socket_path(config, os.getpid())
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(str(path))
-        os.chmod(path, 0o600)
-        sock.listen(128)
-        # A socket we generated is ours to remove; a user-supplied path is left alone.
-        owned = path if config.unix_socket is None else None
-        return sock, ServerAddress("socket", socket_path=str(path)), owned
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((config.host, config.port))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    return sock, ServerAddress("tcp", port=port, base_path=f"http://{config.host}:{port}"), None
-
-
-def _hypercorn_config(sock: socket.socket) -> hypercorn.config.Config:
-    hc = hypercorn.config.Config()
-    # Hypercorn owns (and closes) a duplicate; we close the original.
-    hc.bind = [f"fd://{os.dup(sock.fileno())}"]
-    hc.accesslog = None
-    hc.errorlog = logging.getLogger("hypercorn.error")
-    # Keep-alive pings are ours (session._client_keepalive, through api.hypercorn_ext), not
-    # Hypercorn's, which never learns whether they were answered.
-    hypercorn_ext.install()
-    hc.websocket_ping_interval = None
-    hc.websocket_max_message_size = 256 * 1024 * 1024
-    hc.graceful_timeout = 2.0
-    hc.keep_alive_timeout = 75.0
-    return hc
-
-
-async def run_daemon(
-    config: Config,
-    *,
-    busy_poll: BusyPoll | None = None,
-    task_status: trio.TaskStatus[ServerAddress] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve until shut down. `busy_poll` is made from the config unless given (a test gives
-    its own to watch it)."""
-    runtime_dir = config.runtime_dir or Path(jupyter_runtime_dir())
-    zmq_context: zmq.Context[Any] = zmq.Context()
-    sock, address, owned_socket = _bind_socket(config)
-    try:
-        async with trio.open_nursery() as root:
-            stop_http = trio.Event()
-            async with trio.open_nursery() as sessions_nursery:
-                if busy_poll is None:
-                    busy_poll = BusyPoll(config.busy_poll)
-                registry = SessionRegistry(config, sessions_nursery, zmq_context, runtime_dir,
-                                           on_traffic=busy_poll.touch)
-                daemon = Daemon(config, registry)
-                registry.on_activity = daemon.nudge
-                app = create_app(daemon)
-                await root.start(
-                    partial(hypercorn.trio.serve, app, _hypercorn_config(sock),
-                            shutdown_trigger=stop_http.wait)
-                )
-                watchers = trio.CancelScope()
-                root.start_soon(_run_watchers, daemon, busy_poll, watchers)
-                log.info("listening on %s", address.base_path or address.socket_path)
-                task_status.started(address)
-                await daemon.shutdown_requested.wait()
-                with trio.CancelScope(shield=True):
-                    await registry.shutdown_all()  # ends their socket listeners too
-                    sessions_nursery.cancel_scope.cancel()
-            watchers.cancel()
-            # Let the HTTP response to POST /shutdown go out, then stop serving.
-            await trio.sleep(0.05)
-            stop_http.set()
-            root.cancel_scope.deadline = trio.current_time() + 5.0
-    finally:
-        sock.close()
-        if owned_socket is not None:
-            try:
-                owned_socket.unlink()
-            except OSError:
-                pass
-        zmq_context.term()
-        log.info("stopped")

@@ -1,8 +1,14 @@
 """The errors clients see, with Kallichore's stable `KS-n` codes.
 
 Each `KallichoreError` subclass fixes its code and its HTTP status; the HTTP layer turns any of
-them into the spec's `error` object, so handlers raise and never build error bodies themselves.
-`StartupFailure` is the one error with a different body (`startupError`, HTTP 500).
+them into the `error` object (docs/protocol.md §3.2), so handlers raise and never build error
+bodies themselves. `StartupFailure` is the one error with a different body (`startupError`,
+HTTP 500).
+
+A code has a class here only once something raises it: the full table of the reference's codes
+is docs/protocol.md §3.2, and classes nothing raises would be untested text that drifts. The
+reference's KS-4 (process not found), KS-9 (session creation failed) and KS-18 (no connection
+info) have no class for that reason; KS-16 (start failed) is the base class's default code.
 """
 
 from __future__ import annotations
@@ -59,13 +65,6 @@ class SessionNotRunning(KallichoreError):
         super().__init__(f"Session {session_id} is not running")
 
 
-class ProcessNotFound(KallichoreError):
-    code, http_status = "KS-4", 400
-
-    def __init__(self, pid: int, session_id: str, *, details: str | None = None) -> None:
-        super().__init__(f"Can't find process {pid} for session {session_id}", details=details)
-
-
 class ProcessStartFailed(KallichoreError):
     code, http_status = "KS-5", 500
 
@@ -100,13 +99,6 @@ class ProcessAbnormalExit(KallichoreError):
         super().__init__(f"The process exited abnormally ({exit_status})", details=details)
 
 
-class SessionCreateFailed(KallichoreError):
-    code, http_status = "KS-9", 400
-
-    def __init__(self, session_id: str, reason: str) -> None:
-        super().__init__(f"Failed to create session {session_id}: {reason}")
-
-
 class SessionInterruptFailed(KallichoreError):
     code, http_status = "KS-10", 400
 
@@ -139,28 +131,12 @@ class ExitedBeforeConnection(KallichoreError):
         )
 
 
-class StartFailed(KallichoreError):
-    code, http_status = "KS-16", 500
-
-    def __init__(self, reason: str, *, details: str | None = None) -> None:
-        super().__init__(f"Failed to start kernel: {reason}", details=details)
-
-
 class HandshakeFailed(KallichoreError):
     code, http_status = "KS-17", 500
 
     def __init__(self, session_id: str, reason: str, *, details: str | None = None) -> None:
         super().__init__(f"JEP 66 handshake failed for session {session_id}: {reason}",
                          details=details)
-
-
-class NoConnectionInfo(KallichoreError):
-    code, http_status = "KS-18", 500
-
-    def __init__(self, session_id: str, reason: str) -> None:
-        super().__init__(
-            f"Connection information is not available for session {session_id}: {reason}"
-        )
 
 
 class KernelPathNotFound(KallichoreError):

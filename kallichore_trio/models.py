@@ -306,7 +306,7 @@ SCHEMAS: dict[str, type] = {
 }
 
 
-def format_timestamp(value: dt.datetime) -> str:
+def rfc3339_utc(value: dt.datetime) -> str:
     """RFC 3339 in UTC with a `Z`, as the reference's chrono serialisation writes it."""
     return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
@@ -355,7 +355,7 @@ def _make_converter() -> cattrs.Converter:
         return structure
 
     conv.register_structure_hook_factory(lambda t: get_origin(t) is list, strict_list)
-    conv.register_unstructure_hook(dt.datetime, format_timestamp)
+    conv.register_unstructure_hook(dt.datetime, rfc3339_utc)
     conv.register_structure_hook(dt.datetime, lambda v, _: dt.datetime.fromisoformat(v))
 
     # Omit optional fields (default None) when they are None; keep every required field.

@@ -1,9 +1,9 @@
 """Who may talk to the daemon: the bearer token, the Origin allow-list and the Host check.
 
 Pure decisions, no I/O: the HTTP API (a Quart hook that runs before routing, api/__init__.py)
-and the per-session Unix sockets (wsconn's upgrade) both ask `check_request` about a request's
-headers and answer its `Refusal`, if any, themselves. docs/security.md says what each check
-protects against.
+and the per-session Unix sockets (the upgrade in transport/websocket.py) both ask
+`check_request` about a request's headers and answer its `Refusal`, if any, themselves.
+docs/security.md says what each check protects against.
 
 Header names and values may come as `str` (Quart decodes them as latin-1) or `bytes` (h11);
 values are compared as bytes, so a header with characters outside ASCII is simply a mismatch.
@@ -62,8 +62,9 @@ def policy_for(config: Config, *, tcp: bool) -> Policy:
 
 
 def session_socket_check(config: Config) -> Callable[[HeaderPairs], Refusal | None]:
-    """The check of upgrade requests on per-session Unix sockets (wsconn's `authorize`):
-    the token is always required there, and there is no Host to check."""
+    """The check of upgrade requests on per-session Unix sockets (`authorize` in
+    transport/websocket.py): the token is always required there, and there is no Host to
+    check."""
     policy = policy_for(config, tcp=False)
 
     def check(headers: HeaderPairs) -> Refusal | None:

@@ -1,12 +1,13 @@
 """GET /sessions/{id}/channels: the session's client channel.
 
-TCP: a WebSocket upgrade on the API port, accepted by Quart and then served by `wsconn` on the
-TCP stream Hypercorn hands over (api.hypercorn_ext). Socket transport: the call returns
-the path of the session's own Unix socket, bound on the first call and kept until the session
-ends; it accepts a WebSocket (an HTTP upgrade on any path, carrying the bearer token) and
-serves it with `wsconn`. Both upgrades are authorized before anything else (the guard hooks of
-api/__init__.py and wsconn's `authorize`, security.py). On both, a client is evicted when the
-next one connects (serve_client).
+TCP: a WebSocket upgrade on the API port, accepted by Quart and then served as a
+`transport.websocket.WsprotoConnection` on the TCP stream Hypercorn hands over
+(transport/hypercorn_ext.py). Socket transport: the call returns the path of the session's own
+Unix socket, bound on the first call and kept until the session ends; it accepts a WebSocket (an
+HTTP upgrade on any path, carrying the bearer token) and serves it the same way
+(transport/unix.py). Both upgrades are authorized before anything else (the guard hooks of
+api/__init__.py and the listener's `authorize`, security.py). On both, a client is evicted when
+the next one connects (serve_client).
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from typing import TYPE_CHECKING
 
 from quart import Quart, Response, websocket
 
-from kallichore_trio.api.hypercorn_ext import EXTENSION
 from kallichore_trio.api.responses import error_response, json_response
 from kallichore_trio.errors import SessionNotFound, SocketPathError
 from kallichore_trio.session.session import KernelSession
-from kallichore_trio.wsconn import SocketPathTooLong, default_socket_dir, session_socket_path
+from kallichore_trio.transport.hypercorn_ext import EXTENSION
+from kallichore_trio.transport.unix import (
+    SocketPathTooLong,
+    default_socket_dir,
+    session_socket_path,
+)
 
 if TYPE_CHECKING:
     from kallichore_trio.daemon import Daemon
@@ -45,11 +50,11 @@ def register(app: Quart, daemon: Daemon) -> None:
             # 400, not 404, as the reference answers an upgrade for an unknown session.
             return json_response(exc.to_dict(), 400)
         handover = websocket.scope["extensions"].get(EXTENSION)
-        if handover is None:  # Hypercorn without api.hypercorn_ext.install(): not supported
+        if handover is None:  # Hypercorn without hypercorn_ext.install(): not supported
             return json_response(
                 {"code": "500", "message": "WebSocket handover is not installed"}, 500)
         await websocket.accept()
-        # From here the connection is ours, served like a Unix socket client (wsconn).
+        # From here the connection is ours, served like a Unix socket client.
         conn = await handover.take_over()
         if conn is None:
             log.debug("session %s: client left during the WebSocket upgrade", session_id)

@@ -47,7 +47,7 @@ from kallichore_trio.session.connection import (
     write_registration_file,
 )
 from kallichore_trio.timers import next_multiple
-from kallichore_trio.zmq_trio import (
+from kallichore_trio.transport.zmq_trio import (
     Subscription,
     TrioSocket,
     open_socket,

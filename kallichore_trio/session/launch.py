@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 STARTUP_BEGIN = "KALLICHORE_STARTUP_BEGIN"
 STARTUP_SUCCESS = "KALLICHORE_STARTUP_SUCCESS"
 
-# Characters that make an argv element need quoting in the shell command line (§3.15).
+# Characters that make an argv element need quoting in the shell command line
+# (docs/protocol.md §6.3).
 _SPECIAL = set("\\\"'`${}()*?! \t\n;&|<>[]")
 
 
@@ -184,7 +185,7 @@ def clean_startup_output(text: str) -> str:
 
 
 def startup_context(model: NewSession, raw_output: str, shell: str | None, *, exited: bool) -> str:
-    """The `details` of a startup error: what the user should look at (§3.5)."""
+    """The `details` of a startup error: what the user should look at (docs/protocol.md §6.4)."""
     mode = model.startup_environment
     if mode in ("none", "shell") or not model.startup_environment_arg:
         return "Kernel failed to start" if exited else "Kernel failed to connect to ZeroMQ sockets"

@@ -1,6 +1,6 @@
 """The execution queue: execute_requests wait here while the kernel runs another. Pure.
 
-The reference advances the queue on *any* idle status (KALLICHORE_BEHAVIOUR.md §6.9); we advance
+The reference advances the queue on *any* idle status (docs/protocol.md §6.5); we advance
 only when the active request ends (its execute_reply or its idle status, whichever comes first),
 so a comm message finishing in the middle of a long cell does not release the next cell early,
 and a lost iopub status cannot stall the queue. See docs/differences.md.

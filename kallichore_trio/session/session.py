@@ -66,13 +66,8 @@ from kallichore_trio.session.kernel import Kernel, LaunchPlan
 from kallichore_trio.session.outbox import Outbox
 from kallichore_trio.session.queue import ExecutionQueue, QueueFull
 from kallichore_trio.session.state import IDLE_LIKE, SessionState
-from kallichore_trio.wsconn import (
-    ClientConnection,
-    ClientGone,
-    FileIdentity,
-    file_identity,
-    serve_unix_socket,
-)
+from kallichore_trio.transport.unix import FileIdentity, file_identity, serve_unix_socket
+from kallichore_trio.transport.websocket import ClientConnection, ClientGone
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +78,6 @@ PORT_ATTEMPTS = 3
 EVICTED_REASON = "Another client is connecting to this session."
 #: Frames whose loss under overflow costs little: output that a later frame supersedes.
 _DROPPABLE_IOPUB = frozenset({"stream"})
-#: What a send or receive on a client connection raises once the client is gone.
-_CLIENT_GONE = (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError)
 #: A batch this long is written without lingering for more.
 _LINGER_UNTIL_FRAMES = 64
 
@@ -628,7 +621,7 @@ class KernelSession:
                 if slot.evicted:
                     try:
                         await conn.send_text(wire.client_disconnected_event(EVICTED_REASON))
-                    except _CLIENT_GONE:
+                    except ClientGone:
                         pass
                 await conn.close()
             log.info("session %s: client %s", self.session_id,
@@ -648,7 +641,7 @@ class KernelSession:
                           "no client was reading\n")
                 try:
                     await slot.conn.send_text(wire.output_event("stderr", notice))
-                except _CLIENT_GONE:
+                except ClientGone:
                     return
             if not batch.frames:
                 self._changed = trio.Event()
@@ -663,7 +656,7 @@ class KernelSession:
             slot.write_started = trio.current_time()
             try:
                 await slot.conn.send_texts([text for _, text in batch.frames])
-            except _CLIENT_GONE:
+            except ClientGone:
                 return
             finally:
                 slot.write_started = None
@@ -680,7 +673,7 @@ class KernelSession:
                     log.warning("session %s: dropped a client frame: %s", self.session_id, exc)
                     continue
                 await self.deliver(msg)
-        except _CLIENT_GONE:
+        except ClientGone:
             pass
         slot.scope.cancel()
 
@@ -709,7 +702,7 @@ class KernelSession:
                     with trio.move_on_after(tick):
                         try:
                             await slot.conn.ping(slot.pings_sent.to_bytes(8, "big"))
-                        except _CLIENT_GONE:
+                        except ClientGone:
                             slot.scope.cancel()
                             return
                 continue

@@ -1,6 +1,6 @@
 """The session status state machine and its idle/busy clocks. Pure: the caller passes `now`.
 
-Statuses follow the reference (KALLICHORE_BEHAVIOUR.md §3.2): a new session is `idle`, start
+Statuses follow the reference (docs/protocol.md §6.1): a new session is `idle`, start
 makes it `starting`, iopub busy/idle statuses move it between `busy` and `idle`, heartbeat loss
 makes it `offline`, and process exit makes it `exited`. Setting the current status again is a
 no-op, so every change yields exactly one status event.
@@ -12,7 +12,7 @@ import attrs
 
 from kallichore_trio.models import Status
 
-#: Statuses in which the idle clock runs (and that "nudge" the idle-shutdown timer).
+#: Statuses in which the idle clock runs (and that restart it: the on_activity callback).
 IDLE_LIKE: frozenset[str] = frozenset({"idle", "ready", "exited"})
 
 

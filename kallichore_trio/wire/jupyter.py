@@ -186,7 +186,7 @@ def parse_kernel_frames(frames: Sequence[bytes], signer: Signer) -> KernelMessag
 def _header_bytes(
     msg_id: str, msg_type: str, session: str, username: str, date: str, version: str
 ) -> bytes:
-    # Field order as Kallichore writes it (KALLICHORE_BEHAVIOUR.md §2.4).
+    # Field order as Kallichore writes it (docs/protocol.md §5.3).
     return dumps(
         {
             "msg_id": msg_id,

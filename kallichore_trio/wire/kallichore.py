@@ -1,4 +1,4 @@
-"""Kallichore's WebSocket envelope (KALLICHORE_BEHAVIOUR.md §2.2, §2.3).
+"""Kallichore's WebSocket envelope (docs/protocol.md §4.1-§4.3).
 
 Client -> server: a Jupyter "relay message" JSON object (``parse_client_frame``).
 Server -> client: ``{"kind":"jupyter",...}`` relayed kernel messages (``relay_frame``) and

@@ -1,4 +1,4 @@
-"""Run by kernels in the startup_environment scenario (KALLICHORE_BEHAVIOUR.md §5.2 row 22).
+"""Run by kernels in the startup_environment scenario (docs/protocol.md §6.3).
 
 Usage: startup_probe.py test_<name> <direct|shell>. Prints banners, the markers the test looks
 for, and what it can see of how the kernel was started.

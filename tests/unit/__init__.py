@@ -1,0 +1,1 @@
+"""Fast tests: no kernel, no daemon (`make test-unit`)."""
