@@ -33,10 +33,10 @@ from kallichore_trio.api import create_app, hypercorn_ext
 from kallichore_trio.busypoll import BusyPoll
 from kallichore_trio.config import Config
 from kallichore_trio.errors import ConfigurationError
+from kallichore_trio.kernel.resources import ProcessTreeSampler
 from kallichore_trio.memory import load_malloc_trim, trim_after_bursts
 from kallichore_trio.models import ServerConfiguration
 from kallichore_trio.registry import SessionRegistry
-from kallichore_trio.session.resources import ProcessTreeSampler
 from kallichore_trio.timers import next_multiple
 from kallichore_trio.wsconn import main_socket_path, remove_stale_socket
 

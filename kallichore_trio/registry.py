@@ -14,8 +14,8 @@ import zmq
 
 from kallichore_trio.config import KALLICHORE_VERSION, Config
 from kallichore_trio.errors import SessionExists, SessionNotFound, SessionRunning
+from kallichore_trio.kernel import launch
 from kallichore_trio.models import NewSession, ServerStatus
-from kallichore_trio.session import launch
 from kallichore_trio.session.session import KernelSession
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from httpx_ws import aconnect_ws
 
 from kallichore_trio import config
 from kallichore_trio.busypoll import BusyPoll
-from kallichore_trio.session.kernel import Kernel
+from kallichore_trio.kernel.kernel import Kernel
 from kallichore_trio.session.session import KernelSession
 from tests.conftest import RunningDaemon, _daemon, daemon_config
 from tests.test_end_to_end import collect_until_done, execute_request, is_idle_for

@@ -38,6 +38,17 @@ from kallichore_trio.errors import (
     SessionNotRunning,
     StartupFailure,
 )
+from kallichore_trio.kernel import launch
+from kallichore_trio.kernel.connection import (
+    PortReservation,
+    connection_info,
+    new_key,
+    registration_file_path,
+    reserve_ports,
+    uses_handshake,
+    write_kernel_connection_file,
+)
+from kallichore_trio.kernel.kernel import Kernel, LaunchPlan
 from kallichore_trio.models import (
     ActiveSession,
     ConnectionInfo,
@@ -51,18 +62,7 @@ from kallichore_trio.models import (
     dump,
 )
 from kallichore_trio.security import session_socket_check
-from kallichore_trio.session import launch
-from kallichore_trio.session.connection import (
-    PortReservation,
-    connection_info,
-    new_key,
-    registration_file_path,
-    reserve_ports,
-    uses_handshake,
-    write_kernel_connection_file,
-)
 from kallichore_trio.session.executions import Executions
-from kallichore_trio.session.kernel import Kernel, LaunchPlan
 from kallichore_trio.session.outbox import Outbox
 from kallichore_trio.session.queue import ExecutionQueue, QueueFull
 from kallichore_trio.session.state import IDLE_LIKE, SessionState

@@ -39,13 +39,13 @@ from kallichore_trio.errors import (
     SessionConnectionTimeout,
     StartupFailure,
 )
-from kallichore_trio.models import ConnectionInfo
-from kallichore_trio.session import launch
-from kallichore_trio.session.connection import (
+from kallichore_trio.kernel import launch
+from kallichore_trio.kernel.connection import (
     PortReservation,
     connection_info,
     write_registration_file,
 )
+from kallichore_trio.models import ConnectionInfo
 from kallichore_trio.timers import next_multiple
 from kallichore_trio.zmq_trio import (
     Subscription,
