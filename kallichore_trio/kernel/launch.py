@@ -183,14 +183,15 @@ def clean_startup_output(text: str) -> str:
     return "\n".join(lines)
 
 
-def startup_context(model: NewSession, raw_output: str, shell: str | None, *, exited: bool) -> str:
-    """The `details` of a startup error: what the user should look at (§3.5)."""
-    mode = model.startup_environment
-    if mode in ("none", "shell") or not model.startup_environment_arg:
+def startup_context(mode: str, startup_arg: str | None, raw_output: str, shell: str | None,
+                    *, exited: bool) -> str:
+    """The `details` of a startup error: what the user should look at (§3.5). `mode` and
+    `startup_arg` are the session's `startup_environment` and `startup_environment_arg`."""
+    if mode in ("none", "shell") or not startup_arg:
         return "Kernel failed to start" if exited else "Kernel failed to connect to ZeroMQ sockets"
     noun = "script" if mode == "script" else "command"
     prefix = f"Shell: {shell}\n" if shell else ""
-    prefix += f"Startup {noun}: {model.startup_environment_arg}\n"
+    prefix += f"Startup {noun}: {startup_arg}\n"
     if STARTUP_BEGIN not in raw_output:
         tail = (
             f"Startup {noun} could not be executed"

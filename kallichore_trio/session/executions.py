@@ -208,7 +208,7 @@ async def execute(session: KernelSession, request: ExecuteRequest) -> dict[str, 
         while session.status == "starting":
             await executions.wait_status_change()
     kernel = session.kernel
-    if session.status in ("starting", "exited") or kernel is None or not kernel.connected:
+    if session.status in ("starting", "exited") or kernel is None or not kernel.running:
         raise ExecuteFailed("session_not_ready",
                             f"Session {session.session_id} has no running kernel "
                             f"(status {session.status})")

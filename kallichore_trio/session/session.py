@@ -48,7 +48,7 @@ from kallichore_trio.kernel.connection import (
     uses_handshake,
     write_kernel_connection_file,
 )
-from kallichore_trio.kernel.kernel import Kernel, LaunchPlan
+from kallichore_trio.kernel.kernel import Kernel, KernelParams, LaunchPlan
 from kallichore_trio.models import (
     ActiveSession,
     ConnectionInfo,
@@ -167,6 +167,18 @@ class KernelSession:
         self._linger: trio.CancelScope | None = None  # the writer holding output back
         self._high_water = max(1, config.outbox.max_frames // 2)
         self._nursery: trio.Nursery | None = None
+        self.kernel_params = KernelParams(
+            session_id=self.session_id,
+            username=model.username,
+            protocol_version=self.protocol_version,
+            key=self.key,
+            signer=self.signer,
+            zmq_context=zmq_context,
+            timeouts=config.timeouts,
+            startup_timeout=self._startup_timeout(),
+            startup_environment=model.startup_environment,
+            startup_environment_arg=model.startup_environment_arg,
+        )
 
     def __repr__(self) -> str:
         pid = self.kernel.pid if self.kernel else None
@@ -339,7 +351,7 @@ class KernelSession:
 
     async def _send(self, msg: wire.ClientMessage) -> None:
         kernel = self.kernel
-        if kernel is None or not kernel.connected or self._held:
+        if kernel is None or not kernel.running or self._held:
             if len(self._held) >= HELD_LIMIT:
                 dropped = self._held.popleft()
                 log.warning("session %s: no kernel to receive %s; dropped the oldest held "
@@ -349,15 +361,8 @@ class KernelSession:
         await kernel.send(msg)
 
     async def _flush_held(self, kernel: Kernel) -> None:
-        while self._held and kernel.connected:
+        while self._held and kernel.running:
             await kernel.send(self._held.popleft())
-
-    async def send_own_request(
-        self, kernel: Kernel, channel: str, msg_type: str, content: dict[str, Any]
-    ) -> str:
-        if msg_type in ("interrupt_request", "shutdown_request"):
-            self.queue.clear()
-        return await kernel.send_request(channel, msg_type, content)
 
     # ---- lifecycle operations (HTTP) -----------------------------------------------------
 
@@ -449,8 +454,7 @@ class KernelSession:
         shell = command[0] if command[:1] != argv[:1] else None
         plan = LaunchPlan(command=command, env=env, cwd=cwd, shell=shell,
                           connection_file=path, handshake=handshake)
-        return Kernel(self, info=info, plan=plan, ports=ports,
-                      startup_timeout=self._startup_timeout(),
+        return Kernel(self, self.kernel_params, info=info, plan=plan, ports=ports,
                       retry_on_port_conflict=retry_on_port_conflict)
 
     async def _run_kernel(self, kernel: Kernel, *, task_status: trio.TaskStatus[Any]) -> None:
@@ -487,8 +491,7 @@ class KernelSession:
                     self.env_actions = list(env)
                 kernel = self.kernel
                 if kernel is not None and not kernel.exited.is_set():
-                    await kernel.stop(restart=True,
-                                      grace=self.config.timeouts.shutdown_request)
+                    await self._stop_kernel(kernel, restart=True)
                 await self._start_locked()
         finally:
             self.restarting = False
@@ -512,8 +515,7 @@ class KernelSession:
             # Signed with the session's own key (the kernel got it from connection_info).
             info = attrs.evolve(info, key=self.key)
             self.connection = info
-            kernel = Kernel(self, info=info, plan=None, ports=None,
-                            startup_timeout=self._startup_timeout())
+            kernel = Kernel(self, self.kernel_params, info=info, plan=None, ports=None)
             self.kernel = kernel
             assert self._nursery is not None
             reply: dict[str, Any] = await self._nursery.start(self._run_kernel, kernel)
@@ -536,9 +538,15 @@ class KernelSession:
             if not kernel or not kernel.signal(signal.SIGINT):
                 raise SessionInterruptFailed(self.session_id, f"Process {pid} not found")
             return
-        if kernel is None or not kernel.connected:
+        if kernel is None or not kernel.running:
             raise SessionInterruptFailed(self.session_id, "the kernel is not running")
-        await self.send_own_request(kernel, "control", "interrupt_request", {})
+        self.queue.clear()
+        await kernel.send_request("control", "interrupt_request", {})
+
+    async def _stop_kernel(self, kernel: Kernel, *, restart: bool) -> None:
+        if kernel.running:  # a shutdown_request goes out: what is queued will not run
+            self.queue.clear()
+        await kernel.stop(restart=restart, grace=self.config.timeouts.shutdown_request)
 
     def kill(self) -> None:
         if self.state.status == "exited":
@@ -553,7 +561,7 @@ class KernelSession:
         """End the kernel for good: shutdown_request, then SIGTERM, then SIGKILL."""
         kernel = self.kernel
         if kernel is not None and not kernel.exited.is_set():
-            await kernel.stop(restart=False, grace=self.config.timeouts.shutdown_request)
+            await self._stop_kernel(kernel, restart=False)
             with trio.move_on_after(self.config.timeouts.kill):
                 await kernel.exited.wait()
 
