@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kallichore_trio.session.outbox import Outbox
-from kallichore_trio.session.queue import ExecutionQueue, QueueFull
-from kallichore_trio.session.state import SessionState
+from kallichore_trio.core.outbox import Outbox
+from kallichore_trio.core.queue import ExecutionQueue, QueueFull
+from kallichore_trio.core.state import SessionState
 from kallichore_trio.wire import ClientMessage
 
 

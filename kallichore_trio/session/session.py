@@ -28,6 +28,19 @@ import zmq
 
 from kallichore_trio import wire
 from kallichore_trio.config import Config
+from kallichore_trio.core.outbox import Outbox
+from kallichore_trio.core.queue import ExecutionQueue, QueueFull
+from kallichore_trio.core.relay import (
+    CLEAR_QUEUE_AND_SEND,
+    EXECUTE,
+    EXECUTE_REPLY,
+    OUTPUT,
+    STATUS,
+    client_action,
+    kind_of,
+    status_verdict,
+)
+from kallichore_trio.core.state import IDLE_LIKE, SessionState
 from kallichore_trio.errors import (
     KallichoreError,
     NoProcess,
@@ -63,9 +76,6 @@ from kallichore_trio.models import (
 )
 from kallichore_trio.security import session_socket_check
 from kallichore_trio.session.executions import Executions
-from kallichore_trio.session.outbox import Outbox
-from kallichore_trio.session.queue import ExecutionQueue, QueueFull
-from kallichore_trio.session.state import IDLE_LIKE, SessionState
 from kallichore_trio.wsconn import (
     ClientConnection,
     ClientGone,
@@ -81,8 +91,6 @@ HELD_LIMIT = 1000
 #: Start attempts, each on freshly picked ports, when the kernel finds a port taken.
 PORT_ATTEMPTS = 3
 EVICTED_REASON = "Another client is connecting to this session."
-#: Frames whose loss under overflow costs little: output that a later frame supersedes.
-_DROPPABLE_IOPUB = frozenset({"stream"})
 #: What a send or receive on a client connection raises once the client is gone.
 _CLIENT_GONE = (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError)
 #: A batch this long is written without lingering for more.
@@ -240,7 +248,7 @@ class KernelSession:
         if not self.state.set(new, trio.current_time()):
             return
         if new == "exited":
-            self.queue.clear()
+            self.clear_queue()
             self.executions.kernel_exited()
         self.executions.status_changed()
         self.emit(wire.status_event(new, reason))
@@ -252,35 +260,30 @@ class KernelSession:
     def on_kernel_message(
         self, msg: wire.KernelMessage, channel: str
     ) -> wire.ClientMessage | None:
-        """Account for a kernel message and relay it; return a queued request now due."""
+        """Account for a kernel message and relay it; return a queued request now due. What
+        to do is decided by core.relay; this carries it out."""
+        kind = kind_of(channel, msg.msg_type)
         due = None
-        droppable = False
-        if channel == "iopub":
-            msg_type = msg.msg_type
-            if msg_type == "status":
-                due = self._on_status(msg)
-            droppable = msg_type in _DROPPABLE_IOPUB
-        elif channel == "shell" and msg.msg_type == "execute_reply":
+        if kind is STATUS:
+            due = self._on_status(msg)
+        elif kind is EXECUTE_REPLY:
             due = self.queue.finished(msg.parent_msg_id)
         if self.executions.followed:  # nothing more for a message while nothing is followed
             self.executions.observe(msg)
-        self.emit(wire.relay_frame(msg, channel), droppable=droppable)
+        self.emit(wire.relay_frame(msg, channel), droppable=kind is OUTPUT)
         if due is not None:
             self.executions.sent(due.msg_id)  # the caller sends it now
         return due
 
     def _on_status(self, msg: wire.KernelMessage) -> wire.ClientMessage | None:
-        content = msg.content_json()
-        state = content.get("execution_state") if isinstance(content, dict) else None
-        if state not in ("busy", "idle"):
-            return None
         reason = msg.parent_msg_type
-        self.set_status(state, reason)
-        if state != "idle":
+        verdict = status_verdict(msg.content_json(), reason)
+        if verdict.status is None:
             return None
-        if reason == "execute_request":
+        self.set_status(verdict.status, reason)
+        if verdict.checks_cwd:
             self._check_working_directory()
-        return self.queue.finished(msg.parent_msg_id)
+        return self.queue.finished(msg.parent_msg_id) if verdict.ends_request else None
 
     def _check_working_directory(self) -> None:
         pid = self.kernel.pid if self.kernel else None
@@ -332,7 +335,8 @@ class KernelSession:
     async def deliver(self, msg: wire.ClientMessage) -> None:
         """A client message on its way to the kernel, through the execution queue."""
         self.on_traffic()
-        if msg.msg_type == "execute_request" and _has_code(msg):
+        action = client_action(msg.msg_type, msg.content)
+        if action is EXECUTE:
             self.executions.requested(msg)
             try:
                 send_now = self.queue.submit(msg)
@@ -345,9 +349,16 @@ class KernelSession:
                 self.emit(wire.execution_queued_event(msg.msg_id))
                 return
             self.executions.sent(msg.msg_id)
-        elif msg.msg_type in ("interrupt_request", "shutdown_request"):
-            self.queue.clear()
+        elif action is CLEAR_QUEUE_AND_SEND:
+            self.clear_queue()
         await self._send(msg)
+
+    def clear_queue(self) -> None:
+        """The one place the execution queue is cleared (the rule is core.relay's): whatever
+        ends what the kernel is running drops what waits behind it. That is an interrupt or
+        shutdown request (the client's, or ours: `interrupt`, `_stop_kernel`), SIGINT, SIGKILL
+        (`kill`) and the kernel's exit (`set_status`)."""
+        self.queue.clear()
 
     async def _send(self, msg: wire.ClientMessage) -> None:
         kernel = self.kernel
@@ -534,18 +545,18 @@ class KernelSession:
             pid = kernel.pid if kernel else None
             if pid is None:
                 raise SessionInterruptFailed(self.session_id, "No process ID to interrupt")
-            self.queue.clear()
+            self.clear_queue()
             if not kernel or not kernel.signal(signal.SIGINT):
                 raise SessionInterruptFailed(self.session_id, f"Process {pid} not found")
             return
         if kernel is None or not kernel.running:
             raise SessionInterruptFailed(self.session_id, "the kernel is not running")
-        self.queue.clear()
+        self.clear_queue()
         await kernel.send_request("control", "interrupt_request", {})
 
     async def _stop_kernel(self, kernel: Kernel, *, restart: bool) -> None:
-        if kernel.running:  # a shutdown_request goes out: what is queued will not run
-            self.queue.clear()
+        if kernel.running:  # a shutdown_request goes out (Kernel.stop)
+            self.clear_queue()
         await kernel.stop(restart=restart, grace=self.config.timeouts.shutdown_request)
 
     def kill(self) -> None:
@@ -554,7 +565,7 @@ class KernelSession:
         kernel = self.kernel
         if kernel is None or kernel.pid is None:
             raise NoProcess(self.session_id)
-        self.queue.clear()
+        self.clear_queue()
         kernel.kill()
 
     async def shutdown(self) -> None:
@@ -756,6 +767,3 @@ class KernelSession:
             history=converter.structure(self.executions.recent(3), list[HistoryEntry]),
         )
 
-
-def _has_code(msg: wire.ClientMessage) -> bool:
-    return isinstance(msg.content, dict) and isinstance(msg.content.get("code"), str)
