@@ -18,7 +18,6 @@ import os
 import signal
 from collections import deque
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +73,9 @@ from kallichore_trio.models import (
     converter,
     dump,
 )
-from kallichore_trio.security import session_socket_check
+from kallichore_trio.session.client import ClientChannel, SessionSocket
 from kallichore_trio.session.executions import Executions
-from kallichore_trio.wsconn import (
-    ClientConnection,
-    ClientGone,
-    FileIdentity,
-    file_identity,
-    serve_unix_socket,
-)
+from kallichore_trio.wsconn import ClientConnection
 
 log = logging.getLogger(__name__)
 
@@ -90,40 +83,6 @@ log = logging.getLogger(__name__)
 HELD_LIMIT = 1000
 #: Start attempts, each on freshly picked ports, when the kernel finds a port taken.
 PORT_ATTEMPTS = 3
-EVICTED_REASON = "Another client is connecting to this session."
-#: What a send or receive on a client connection raises once the client is gone.
-_CLIENT_GONE = (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError)
-#: A batch this long is written without lingering for more.
-_LINGER_UNTIL_FRAMES = 64
-
-
-@attrs.define(eq=False)
-class ClientSlot:
-    """The attached client: its connection, and the scope that ends its tasks."""
-
-    conn: ClientConnection
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    evicted: bool = False
-    done: trio.Event = attrs.field(factory=trio.Event)
-    pings_sent: int = 0
-    #: When the write in progress began (trio clock), or None between writes.
-    write_started: float | None = None
-    #: The per-session Unix socket the client came through (None on TCP).
-    socket_path: str | None = None
-
-
-@attrs.frozen
-class ChannelSocket:
-    """A session's listening Unix socket (socket transport), and the scope that ends it."""
-
-    path: Path
-    identity: FileIdentity | None
-    scope: trio.CancelScope
-
-    def intact(self) -> bool:
-        """Is the file at `path` still the one our listener is bound to? (Something outside
-        the daemon, a temp-dir cleaner say, may have removed it.)"""
-        return self.identity is not None and file_identity(self.path) == self.identity
 
 
 class KernelSession:
@@ -162,18 +121,15 @@ class KernelSession:
         self.continuation_prompt = model.continuation_prompt
         self.connection: ConnectionInfo | None = None
         self.kernel: Kernel | None = None
-        self.client: ClientSlot | None = None
-        self._channel_socket: ChannelSocket | None = None
-        self._channel_socket_lock = trio.Lock()
+        self.client: ClientChannel | None = None
+        self._socket = SessionSocket(
+            self.session_id, config,
+            lambda conn, path: self.serve_client(conn, socket_path=path))
         self.resource_usage: ResourceUsage | None = None
         self.restarting = False
         self._adopt_ports: PortReservation | None = None
         self._lifecycle = trio.Lock()
         self._held: deque[wire.ClientMessage] = deque()
-        self._changed = trio.Event()
-        self._room = trio.Event()
-        self._linger: trio.CancelScope | None = None  # the writer holding output back
-        self._high_water = max(1, config.outbox.max_frames // 2)
         self._nursery: trio.Nursery | None = None
         self.kernel_params = KernelParams(
             session_id=self.session_id,
@@ -232,17 +188,16 @@ class KernelSession:
         """Queue a frame for the client. Urgent frames (by default all but droppable output)
         are written at once; the others may wait for company (Config.output_linger)."""
         self.outbox.append(text, droppable=droppable, urgent=urgent)
-        if self._linger is not None and not self.outbox.can_wait:
-            self._linger.cancel()  # a status or reply: write what is pending now
-        self._changed.set()
+        client = self.client
+        if client is not None:
+            client.wake()
 
     async def wait_for_room(self) -> None:
         """Backpressure: while a client is attached and behind by more than the high-water
         mark, wait until it catches up. With no client attached nobody drains the outbox, so
         it sheds droppable output instead (see outbox.py)."""
-        while self.client is not None and len(self.outbox) > self._high_water:
-            self._room = trio.Event()
-            await self._room.wait()
+        while (client := self.client) is not None and len(self.outbox) > client.high_water:
+            await client.wait_caught_up()
 
     def set_status(self, new: Status, reason: str | None) -> None:
         if not self.state.set(new, trio.current_time()):
@@ -579,163 +534,33 @@ class KernelSession:
     # ---- the client ----------------------------------------------------------------------
 
     async def channel_socket(self, new_path: Callable[[], Path]) -> Path:
-        """The session's Unix socket for clients (socket transport).
+        """The session's Unix socket for clients (socket transport), bound at `new_path()` on
+        the first call and kept until the session ends (client.SessionSocket). Raises
+        SessionNotFound if the session was deleted meanwhile."""
+        return await self._socket.path(new_path, self._live_nursery)
 
-        The first call binds it at `new_path()` in the session's nursery; it then listens until
-        the session ends, and every later call returns the same path. Asking again therefore
-        disturbs nobody: a connected client is evicted only when a new one connects
-        (`serve_client`), and no listener is ever torn down or re-bound under a client that is
-        about to connect. Only if the file has gone is a new socket bound, at a new path.
-        Raises what `new_path` raises (SocketPathTooLong), OSError if the bind fails, and
-        SessionNotFound if the session was deleted meanwhile.
-        """
-        async with self._channel_socket_lock:
-            if self._nursery is None or self._nursery.cancel_scope.cancel_called:
-                raise SessionNotFound(self.session_id)
-            current = self._channel_socket
-            if current is not None and current.intact():
-                return current.path
-            if current is not None:
-                log.warning("session %s: socket %s has gone; binding a new one",
-                            self.session_id, current.path)
-                current.scope.cancel()
-                self._channel_socket = None
-            path = new_path()
-            scope = trio.CancelScope()
-            await self._nursery.start(self._listen, path, scope)
-            self._channel_socket = ChannelSocket(path, file_identity(path), scope)
-            return path
-
-    async def _listen(self, path: Path, scope: trio.CancelScope, *,
-                      task_status: trio.TaskStatus[Path]) -> None:
-        with scope:
-            await serve_unix_socket(
-                path, partial(self.serve_client, socket_path=str(path)),
-                authorize=session_socket_check(self.config),
-                handshake_timeout=self.config.timeouts.socket_handshake, task_status=task_status)
+    def _live_nursery(self) -> trio.Nursery:
+        if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+            raise SessionNotFound(self.session_id)
+        return self._nursery
 
     async def serve_client(self, conn: ClientConnection, *,
                            socket_path: str | None = None) -> None:
-        """Run one client until it leaves or a newer client evicts it."""
+        """Run one client until it leaves or a newer client evicts it (one client at a time:
+        the newest wins)."""
         previous = self.client
-        slot = ClientSlot(conn, socket_path=socket_path)
-        self.client = slot
+        channel = ClientChannel(conn, self, config=self.config, socket_path=socket_path)
+        self.client = channel
         self.on_activity()
         if previous is not None:
-            previous.evicted = True
-            self._changed.set()
-            # Let the old writer finish the frame it is sending; then it is cut off.
-            with trio.move_on_after(2.0):
-                await previous.done.wait()
-            previous.scope.cancel()
-            with trio.move_on_after(2.0):
-                await previous.done.wait()
+            await previous.evict()
         log.info("session %s: client connected", self.session_id)
         try:
-            with slot.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._client_reader, slot)
-                    nursery.start_soon(self._client_keepalive, slot)
-                    await self._client_writer(slot)
-                    nursery.cancel_scope.cancel()
+            await channel.run()
         finally:
-            if self.client is slot:
+            if self.client is channel:
                 self.client = None
-                self._room.set()
-            slot.done.set()
-            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                if slot.evicted:
-                    try:
-                        await conn.send_text(wire.client_disconnected_event(EVICTED_REASON))
-                    except _CLIENT_GONE:
-                        pass
-                await conn.close()
-            log.info("session %s: client %s", self.session_id,
-                     "evicted" if slot.evicted else "disconnected")
-
-    async def _client_writer(self, slot: ClientSlot) -> None:
-        """Outbox -> client, in order, a batch per socket write; a batch is released only once
-        it was written. The write timeout is enforced by `_client_keepalive`, which aborts the
-        connection under a stuck write (a cancel scope cannot: Hypercorn shields its writes)."""
-        while not slot.evicted:
-            batch = self.outbox.read()
-            if batch.missed:
-                log.warning("session %s: the outbox overflowed; %d frames were dropped",
-                            self.session_id, batch.missed)
-                # Tell the user, through an event Positron shows in the kernel's output.
-                notice = (f"[kallichore-trio] {batch.missed} output frames were dropped while "
-                          "no client was reading\n")
-                try:
-                    await slot.conn.send_text(wire.output_event("stderr", notice))
-                except _CLIENT_GONE:
-                    return
-            if not batch.frames:
-                self._changed = trio.Event()
-                await self._changed.wait()
-                continue
-            if self.outbox.can_wait and len(batch.frames) < _LINGER_UNTIL_FRAMES:
-                # Only output so far: let more join it (see Config.output_linger).
-                with trio.move_on_after(self.config.output_linger) as self._linger:
-                    await trio.sleep_forever()
-                self._linger = None
-                batch = self.outbox.read()
-            slot.write_started = trio.current_time()
-            try:
-                await slot.conn.send_texts([text for _, text in batch.frames])
-            except _CLIENT_GONE:
-                return
-            finally:
-                slot.write_started = None
-            self.outbox.ack(batch.frames[-1][0])
-            if len(self.outbox) <= self._high_water:
-                self._room.set()
-
-    async def _client_reader(self, slot: ClientSlot) -> None:
-        try:
-            while (text := await slot.conn.receive_text()) is not None:
-                try:
-                    msg = wire.parse_client_frame(text)
-                except wire.ClientFrameError as exc:
-                    log.warning("session %s: dropped a client frame: %s", self.session_id, exc)
-                    continue
-                await self.deliver(msg)
-        except _CLIENT_GONE:
-            pass
-        slot.scope.cancel()
-
-    async def _client_keepalive(self, slot: ClientSlot) -> None:
-        """Ping every period with an 8-byte counter. A client is dropped when more than 3 pings
-        are unanswered or a write has been stuck for the write timeout."""
-        period = self.config.timeouts.client_ping
-        write_timeout = self.config.timeouts.client_write
-        tick = min(period, write_timeout)
-        next_ping = trio.current_time() + period  # the first Ping one period after connecting
-        while True:
-            await trio.sleep(tick)
-            last = slot.conn.last_pong
-            answered = int.from_bytes(last, "big") if last and len(last) == 8 else 0
-            started = slot.write_started
-            now = trio.current_time()
-            if slot.pings_sent - answered > 3:
-                reason = f"{slot.pings_sent - answered} pings unanswered"
-            elif started is not None and now - started > write_timeout:
-                reason = f"a write blocked for over {write_timeout:g} s"
-            else:
-                if now >= next_ping:
-                    next_ping = now + period
-                    slot.pings_sent += 1
-                    # The Ping waits behind a stuck write; it is then one more unanswered.
-                    with trio.move_on_after(tick):
-                        try:
-                            await slot.conn.ping(slot.pings_sent.to_bytes(8, "big"))
-                        except _CLIENT_GONE:
-                            slot.scope.cancel()
-                            return
-                continue
-            log.warning("session %s: lost connection with client (%s)", self.session_id, reason)
-            await slot.conn.abort()
-            slot.scope.cancel()
-            return
+            await channel.finish()
 
     # ---- the HTTP view -------------------------------------------------------------------
 
