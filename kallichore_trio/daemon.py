@@ -173,7 +173,7 @@ class Daemon:
             children = self.resource_include_children
             for session in list(self.registry.sessions.values()):
                 pid = session.kernel.pid if session.kernel else None
-                if pid is None or not session.connected:
+                if pid is None or not session.client_attached:
                     continue
                 live.add(pid)
                 sampler = samplers.get(pid)

@@ -31,7 +31,8 @@ from kallichore_trio.kernel.connection import (
     reserve_ports,
     write_kernel_connection_file,
 )
-from kallichore_trio.kernel.kernel import Kernel, KernelParams, LaunchPlan, Lifecycle
+from kallichore_trio.kernel.kernel import Kernel, KernelParams, Lifecycle
+from kallichore_trio.kernel.launch import LaunchPlan
 from kallichore_trio.models import ConnectionInfo
 from tests.conftest import KERNELS
 

@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
@@ -36,6 +35,7 @@ from kallichore_trio.config import Timeouts
 from kallichore_trio.errors import ProcessStartFailed, SessionConnectionFailed, StartupFailure
 from kallichore_trio.kernel import launch
 from kallichore_trio.kernel.connection import PortReservation, write_registration_file
+from kallichore_trio.kernel.launch import LaunchPlan
 from kallichore_trio.kernel.startup import Probe, StartupOutput, handshake, startup_failure
 from kallichore_trio.models import ConnectionInfo
 from kallichore_trio.timers import next_multiple
@@ -117,20 +117,6 @@ class KernelParams:
     #: The session's startup_environment and its argument, for startup errors' details.
     startup_environment: str = "none"
     startup_environment_arg: str | None = None
-
-
-@attrs.define
-class LaunchPlan:
-    """What to spawn; None for an adopted kernel."""
-
-    command: list[str]
-    env: dict[str, str]
-    cwd: str
-    shell: str | None
-    #: The file named in argv: a connection file, or for JEP 66 a registration file that the
-    #: kernel writes nothing to and we write once the registration socket is bound.
-    connection_file: Path
-    handshake: bool = False
 
 
 class Lifecycle(enum.Enum):

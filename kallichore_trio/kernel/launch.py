@@ -16,10 +16,18 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import attrs
 import trio
 
 from kallichore_trio.errors import KernelPathNotFound, ProcessStartFailed
-from kallichore_trio.models import NewSession, VarAction
+from kallichore_trio.kernel.connection import (
+    PortReservation,
+    connection_info,
+    registration_file_path,
+    reserve_ports,
+    write_kernel_connection_file,
+)
+from kallichore_trio.models import ConnectionInfo, NewSession, VarAction
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +36,57 @@ STARTUP_SUCCESS = "KALLICHORE_STARTUP_SUCCESS"
 
 # Characters that make an argv element need quoting in the shell command line (§3.15).
 _SPECIAL = set("\\\"'`${}()*?! \t\n;&|<>[]")
+
+
+@attrs.define
+class LaunchPlan:
+    """What to spawn; None for an adopted kernel."""
+
+    command: list[str]
+    env: dict[str, str]
+    cwd: str
+    shell: str | None
+    #: The file named in argv: a connection file, or for JEP 66 a registration file that the
+    #: kernel writes nothing to and we write once the registration socket is bound.
+    connection_file: Path
+    handshake: bool = False
+
+
+@attrs.frozen
+class Prepared:
+    """A launch ready to go: the plan, and (without the JEP 66 handshake) the ports reserved
+    for the kernel and the connection info written to its connection file."""
+
+    plan: LaunchPlan
+    info: ConnectionInfo | None
+    ports: PortReservation | None
+
+
+def prepare(model: NewSession, *, session_id: str, key: str, runtime_dir: Path, cwd: str,
+            env_actions: Sequence[VarAction], handshake: bool) -> Prepared:
+    """Reserve ports and write the connection file (or pick the registration file's path for
+    the handshake), and build the command and its environment. ProcessStartFailed if the file
+    cannot be written."""
+    ports = None
+    info = None
+    try:
+        if handshake:
+            path = registration_file_path(runtime_dir, session_id)
+        else:
+            ports = reserve_ports()
+            info = connection_info(ports.ports, key)
+            path = write_kernel_connection_file(runtime_dir, session_id, info)
+    except OSError as exc:
+        if ports is not None:
+            ports.release()
+        raise ProcessStartFailed(f"could not prepare the connection file: {exc}") from None
+    argv = substitute_connection_file(model.argv, path)
+    env = resolve_env(os.environ, env_actions)
+    command = build_command(model, argv, cwd)
+    shell = command[0] if command[:1] != argv[:1] else None
+    plan = LaunchPlan(command=command, env=env, cwd=cwd, shell=shell,
+                      connection_file=path, handshake=handshake)
+    return Prepared(plan, info, ports)
 
 
 def check_kernel_path(argv: Sequence[str]) -> None:

@@ -33,7 +33,8 @@ from kallichore_trio.kernel.connection import connection_info
 from kallichore_trio.models import ConnectionInfo
 
 if TYPE_CHECKING:
-    from kallichore_trio.kernel.kernel import KernelParams, LaunchPlan
+    from kallichore_trio.kernel.kernel import KernelParams
+    from kallichore_trio.kernel.launch import LaunchPlan
     from kallichore_trio.zmq_trio import TrioSocket
 
 #: Output kept (per start) for the `output` of a startup error.

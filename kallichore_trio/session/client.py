@@ -8,10 +8,11 @@ with three tasks:
                 only once written, so what a client did not get goes to the next one
     keepalive   pings, and drops a client that stops answering or whose write is stuck
 
-The session creates one per attached client and replaces it when the next client comes
-(`evict`). Its interface to the session is narrow (`ClientHost`): deliver a message, the
-outbox, and its id for the logs. The session tells it when frames were added (`wake`) and
-waits on it for backpressure (`wait_caught_up`).
+The session creates one per client connection; `serve` attaches it (evicting the client
+attached before: one at a time, the newest wins) and detaches it when it ends. Its interface
+to the session is narrow (`ClientHost`): deliver a message, the outbox, the attached-client
+slot, and its id for the logs. The session tells it when frames were added (`wake`) and waits
+on it for backpressure (`wait_caught_up`).
 
 `SessionSocket` is the per-session Unix socket clients connect through on the socket
 transport: bound on the first request for it, kept until the session ends.
@@ -53,8 +54,13 @@ class ClientHost(Protocol):
 
     session_id: str
     outbox: Outbox
+    #: The attached client: the channel attaches itself here, and detaches when it ends.
+    client: ClientChannel | None
 
     async def deliver(self, msg: wire.ClientMessage) -> None: ...
+
+    def on_activity(self) -> None:
+        """A client attached (the idle-shutdown timer starts again)."""
 
 
 class ClientChannel:
@@ -100,8 +106,24 @@ class ClientChannel:
         self._room = trio.Event()
         await self._room.wait()
 
-    async def run(self) -> None:
-        """Serve the client until it leaves, is dropped or is evicted; then `finish`."""
+    async def serve(self) -> None:
+        """Attach to the host, evicting the client attached before (one client at a time: the
+        newest wins); serve until the client leaves, is dropped or is evicted; detach."""
+        host = self.host
+        previous = host.client
+        host.client = self
+        host.on_activity()
+        if previous is not None:
+            await previous.evict()
+        log.info("session %s: client connected", host.session_id)
+        try:
+            await self._run()
+        finally:
+            if host.client is self:
+                host.client = None
+            await self._finish()
+
+    async def _run(self) -> None:
         with self._scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._reader)
@@ -109,9 +131,9 @@ class ClientChannel:
                 await self._writer()
                 nursery.cancel_scope.cancel()
 
-    async def finish(self) -> None:
-        """After `run` (and after the session detached it): wake a pump waiting on this client,
-        tell an evicted client why, close the connection."""
+    async def _finish(self) -> None:
+        """Once detached: wake a pump waiting on this client, tell an evicted client why,
+        close the connection."""
         self._finished = True
         self._room.set()
         self.done.set()

@@ -33,7 +33,7 @@ from kallichore_trio.errors import ExecuteFailed, ExecuteTimeout, KallichoreErro
 from kallichore_trio.models import BodyError, ExecuteRequest
 
 if TYPE_CHECKING:
-    from kallichore_trio.session.session import KernelSession
+    from kallichore_trio.session.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def execute_message(request: ExecuteRequest) -> wire.ClientMessage:
     )
 
 
-async def execute(session: KernelSession, request: ExecuteRequest) -> dict[str, Any]:
+async def execute(session: Session, request: ExecuteRequest) -> dict[str, Any]:
     """Run `request` through the session's one message path and answer its result once the
     execute_reply and the idle status have come (the `executeResponse` body)."""
     check_request(request)
@@ -240,7 +240,7 @@ async def execute(session: KernelSession, request: ExecuteRequest) -> dict[str, 
     return collector.result()
 
 
-async def _interrupt(session: KernelSession, finished: trio.Event, timeout: float) -> None:
+async def _interrupt(session: Session, finished: trio.Event, timeout: float) -> None:
     """Interrupt the kernel as POST /interrupt does, then give the interrupted request a
     moment to end: a kernel that stops on an error aborts requests that reach it before it
     has, so the caller's next request would otherwise fail for no reason of its own."""

@@ -1,22 +1,26 @@
-"""KernelSession: one Kallichore session, from `PUT /sessions` to `DELETE`.
+"""Session: one Kallichore session, from `PUT /sessions` to `DELETE`.
 
 The session outlives its kernels: start, restart and adopt each create a `Kernel` (one
-incarnation) that runs in the session's nursery. What the client sees goes through one path:
+incarnation, kernel/kernel.py) that runs in the session's nursery and reports to the session
+through `KernelEvents`, which the session implements. What the client sees goes through one
+path; core.relay decides, the session carries it out:
 
-    kernel pumps -> on_kernel_message (state machine, execution queue, cwd) -> outbox -> client
-    client reader -> deliver (execution queue) -> Kernel.send -> zmq owner task -> kernel
+    kernel pumps -> on_kernel_message (relay.kind_of, status_verdict; state, queue, cwd)
+        -> outbox -> ClientChannel writer -> client
+    ClientChannel reader -> deliver (relay.client_action; execution queue) -> Kernel.send
+        -> zmq -> kernel
 
-Exactly one client is attached at a time; a new one evicts the old one. Frames produced while no
-client is attached stay in the outbox and go to the next client, in order.
+Exactly one client is attached at a time (a `ClientChannel`, client.py); a new one evicts the
+old one. Frames produced while no client is attached stay in the outbox and go to the next
+client, in order. Here: the lifecycle (start, restart, adopt, interrupt, kill, shutdown), the
+KernelEvents callbacks, and attaching clients.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import signal
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +32,7 @@ import zmq
 from kallichore_trio import wire
 from kallichore_trio.config import Config
 from kallichore_trio.core.outbox import Outbox
-from kallichore_trio.core.queue import ExecutionQueue, QueueFull
+from kallichore_trio.core.queue import ExecutionQueue, HeldMessages, QueueFull
 from kallichore_trio.core.relay import (
     CLEAR_QUEUE_AND_SEND,
     EXECUTE,
@@ -55,24 +59,20 @@ from kallichore_trio.kernel.connection import (
     PortReservation,
     connection_info,
     new_key,
-    registration_file_path,
     reserve_ports,
     uses_handshake,
-    write_kernel_connection_file,
 )
-from kallichore_trio.kernel.kernel import Kernel, KernelParams, LaunchPlan
+from kallichore_trio.kernel.kernel import Kernel, KernelParams
 from kallichore_trio.models import (
     ActiveSession,
     ConnectionInfo,
-    ExecutionQueueModel,
-    HistoryEntry,
     NewSession,
     ResourceUsage,
     Status,
     VarAction,
-    converter,
     dump,
 )
+from kallichore_trio.session import view, workdir
 from kallichore_trio.session.client import ClientChannel, SessionSocket
 from kallichore_trio.session.executions import Executions
 from kallichore_trio.wsconn import ClientConnection
@@ -85,7 +85,7 @@ HELD_LIMIT = 1000
 PORT_ATTEMPTS = 3
 
 
-class KernelSession:
+class Session:
     def __init__(
         self,
         model: NewSession,
@@ -99,12 +99,10 @@ class KernelSession:
         self.model = model
         self.session_id = model.session_id
         self.config = config
-        self.zmq_context = zmq_context
         self.runtime_dir = runtime_dir
         self.on_activity = on_activity
         self.on_traffic = on_traffic
         self.key = new_key()
-        self.signer = wire.Signer(self.key.encode())
         self.protocol_version = model.protocol_version or "5.3"
         self.created = dt.datetime.now(dt.UTC)
         self.state = SessionState(idle_since=trio.current_time())
@@ -129,17 +127,19 @@ class KernelSession:
         self.restarting = False
         self._adopt_ports: PortReservation | None = None
         self._lifecycle = trio.Lock()
-        self._held: deque[wire.ClientMessage] = deque()
+        self._held = HeldMessages(HELD_LIMIT)
         self._nursery: trio.Nursery | None = None
         self.kernel_params = KernelParams(
             session_id=self.session_id,
             username=model.username,
             protocol_version=self.protocol_version,
             key=self.key,
-            signer=self.signer,
+            signer=wire.Signer(self.key.encode()),
             zmq_context=zmq_context,
             timeouts=config.timeouts,
-            startup_timeout=self._startup_timeout(),
+            startup_timeout=(float(model.connection_timeout)
+                             if model.connection_timeout and model.connection_timeout > 0
+                             else config.timeouts.default_connection),
             startup_environment=model.startup_environment,
             startup_environment_arg=model.startup_environment_arg,
         )
@@ -147,8 +147,8 @@ class KernelSession:
     def __repr__(self) -> str:
         pid = self.kernel.pid if self.kernel else None
         return (
-            f"<KernelSession {self.session_id!r} {self.state.status} pid={pid} "
-            f"connected={self.connected} outbox={len(self.outbox)}>"
+            f"<Session {self.session_id!r} {self.state.status} pid={pid} "
+            f"client_attached={self.client_attached} outbox={len(self.outbox)}>"
         )
 
     # ---- lifetime ------------------------------------------------------------------------
@@ -170,7 +170,8 @@ class KernelSession:
             self._nursery.cancel_scope.cancel()
 
     @property
-    def connected(self) -> bool:
+    def client_attached(self) -> bool:
+        """A client is attached (the `connected` of the HTTP model)."""
         return self.client is not None
 
     @property
@@ -265,15 +266,11 @@ class KernelSession:
         self.set_status("exited", reason)
 
     def on_heartbeat(self, alive: bool) -> None:
-        status = self.state.status
-        if alive and status == "offline":
-            self.set_status(self.state.before_offline or "idle",
-                            "heartbeat detected after offline")
-        elif not alive and status in ("idle", "ready"):
-            # A busy kernel may legitimately miss beats (IRkernel answers none while busy),
-            # and its process is alive: only a quiet, unanswering kernel is offline.
-            log.warning("session %s: lost heartbeat", self.session_id)
-            self.set_status("offline", "lost heartbeat")
+        change = self.state.after_heartbeat(alive)
+        if change is not None:
+            if not alive:
+                log.warning("session %s: lost heartbeat", self.session_id)
+            self.set_status(*change)
 
     def on_resource_usage(self, usage: ResourceUsage) -> None:
         self.resource_usage = usage
@@ -318,25 +315,18 @@ class KernelSession:
     async def _send(self, msg: wire.ClientMessage) -> None:
         kernel = self.kernel
         if kernel is None or not kernel.running or self._held:
-            if len(self._held) >= HELD_LIMIT:
-                dropped = self._held.popleft()
+            dropped = self._held.hold(msg)
+            if dropped is not None:
                 log.warning("session %s: no kernel to receive %s; dropped the oldest held "
                             "message %s", self.session_id, msg.msg_type, dropped.msg_id)
-            self._held.append(msg)
             return
         await kernel.send(msg)
 
     async def _flush_held(self, kernel: Kernel) -> None:
         while self._held and kernel.running:
-            await kernel.send(self._held.popleft())
+            await kernel.send(self._held.pop())
 
     # ---- lifecycle operations (HTTP) -----------------------------------------------------
-
-    def _startup_timeout(self) -> float:
-        timeout = self.model.connection_timeout
-        if timeout is None or timeout <= 0:
-            return self.config.timeouts.default_connection
-        return float(timeout)
 
     async def start(self) -> dict[str, Any]:
         """Start the kernel; return its kernel_info_reply content (StartupFailure otherwise)."""
@@ -376,52 +366,19 @@ class KernelSession:
         raise AssertionError("unreachable: the last attempt never retries")
 
     def _prepare_kernel(self, *, retry_on_port_conflict: bool) -> Kernel:
-        cwd = self.working_directory
-        if not os.path.isdir(cwd):
-            # As the reference does: a project folder that was moved or deleted must still
-            # give the user a console, so the kernel starts in the daemon's own directory, and
-            # the client is told why (as kernel output, kept for a client not yet connected).
-            missing = cwd
-            try:
-                cwd = os.getcwd()
-            except OSError as exc:  # the daemon's own directory is gone too
-                raise ProcessStartFailed(
-                    f"the working directory '{missing}' does not exist or is not a directory, "
-                    f"and neither does the daemon's ({exc})"
-                ) from None
-            log.warning("session %s: working directory %r does not exist or is not a "
-                        "directory; starting the kernel in %r", self.session_id, missing, cwd)
-            self.emit(wire.output_event(
-                "stderr",
-                f"The working directory '{missing}' does not exist or is not a directory; "
-                f"the kernel starts in '{cwd}' instead.\n",
-            ))
+        cwd, notice = workdir.start_directory(self.session_id, self.working_directory)
+        if notice is not None:
+            self.emit(wire.output_event("stderr", notice))
             self.working_directory = cwd
             self.emit(wire.working_dir_changed_event(cwd))
-        ports = None
-        info = None
-        handshake = uses_handshake(self.protocol_version)
-        try:
-            if handshake:
-                path = registration_file_path(self.runtime_dir, self.session_id)
-            else:
-                ports = reserve_ports()
-                info = connection_info(ports.ports, self.key)
-                path = write_kernel_connection_file(self.runtime_dir, self.session_id, info)
-                self.connection = info
-        except OSError as exc:
-            if ports is not None:
-                ports.release()
-            raise ProcessStartFailed(f"could not prepare the connection file: {exc}") from None
-        argv = launch.substitute_connection_file(self.model.argv, path)
-        env = launch.resolve_env(os.environ, self.env_actions)
-        self.initial_env = env
-        command = launch.build_command(self.model, argv, cwd)
-        shell = command[0] if command[:1] != argv[:1] else None
-        plan = LaunchPlan(command=command, env=env, cwd=cwd, shell=shell,
-                          connection_file=path, handshake=handshake)
-        return Kernel(self, self.kernel_params, info=info, plan=plan, ports=ports,
-                      retry_on_port_conflict=retry_on_port_conflict)
+        prepared = launch.prepare(
+            self.model, session_id=self.session_id, key=self.key, runtime_dir=self.runtime_dir,
+            cwd=cwd, env_actions=self.env_actions, handshake=uses_handshake(self.protocol_version))
+        if prepared.info is not None:
+            self.connection = prepared.info
+        self.initial_env = prepared.plan.env
+        return Kernel(self, self.kernel_params, info=prepared.info, plan=prepared.plan,
+                      ports=prepared.ports, retry_on_port_conflict=retry_on_port_conflict)
 
     async def _run_kernel(self, kernel: Kernel, *, task_status: trio.TaskStatus[Any]) -> None:
         try:
@@ -463,18 +420,11 @@ class KernelSession:
             self.restarting = False
 
     def _restart_working_directory(self, requested: str | None) -> None:
-        if requested:
-            path = Path(requested).expanduser()
-            try:
-                resolved = path.resolve(strict=True)
-            except OSError:
-                resolved = None
-            if resolved is not None and resolved.is_dir():
-                self.working_directory = str(resolved)
-                return
-            log.warning("session %s: restart working directory %r is not a directory; ignored",
-                        self.session_id, requested)
-        self._check_working_directory()
+        resolved = workdir.restart_directory(self.session_id, requested) if requested else None
+        if resolved is not None:
+            self.working_directory = resolved
+        else:
+            self._check_working_directory()
 
     async def adopt(self, info: ConnectionInfo) -> dict[str, Any]:
         async with self._lifecycle:
@@ -497,11 +447,11 @@ class KernelSession:
     async def interrupt(self) -> None:
         kernel = self.kernel
         if self.model.interrupt_mode == "signal":
-            pid = kernel.pid if kernel else None
-            if pid is None:
+            if kernel is None or kernel.pid is None:
                 raise SessionInterruptFailed(self.session_id, "No process ID to interrupt")
+            pid = kernel.pid
             self.clear_queue()
-            if not kernel or not kernel.signal(signal.SIGINT):
+            if not kernel.signal(signal.SIGINT):
                 raise SessionInterruptFailed(self.session_id, f"Process {pid} not found")
             return
         if kernel is None or not kernel.running:
@@ -546,49 +496,11 @@ class KernelSession:
 
     async def serve_client(self, conn: ClientConnection, *,
                            socket_path: str | None = None) -> None:
-        """Run one client until it leaves or a newer client evicts it (one client at a time:
-        the newest wins)."""
-        previous = self.client
-        channel = ClientChannel(conn, self, config=self.config, socket_path=socket_path)
-        self.client = channel
-        self.on_activity()
-        if previous is not None:
-            await previous.evict()
-        log.info("session %s: client connected", self.session_id)
-        try:
-            await channel.run()
-        finally:
-            if self.client is channel:
-                self.client = None
-            await channel.finish()
+        """Run one client until it leaves or a newer client evicts it (ClientChannel.serve)."""
+        await ClientChannel(conn, self, config=self.config, socket_path=socket_path).serve()
 
     # ---- the HTTP view -------------------------------------------------------------------
 
     def to_model(self) -> ActiveSession:
-        now = trio.current_time()
-        return ActiveSession(
-            session_id=self.session_id,
-            argv=list(self.model.argv),
-            process_id=self.kernel.pid if self.kernel else None,
-            username=self.model.username,
-            display_name=self.model.display_name,
-            language=self.model.language,
-            interrupt_mode=self.model.interrupt_mode,
-            initial_env=self.initial_env,
-            connected=self.connected,
-            started=self.created,
-            session_mode=self.model.session_mode,
-            working_directory=self.working_directory,
-            notebook_uri=self.model.notebook_uri,
-            input_prompt=self.input_prompt,
-            continuation_prompt=self.continuation_prompt,
-            execution_queue=converter.structure(self.queue.to_dict(), ExecutionQueueModel),
-            status=self.state.status,
-            kernel_info=self.kernel_info,
-            resource_usage=self.resource_usage,
-            idle_seconds=self.state.idle_seconds(now),
-            busy_seconds=self.state.busy_seconds(now),
-            socket_path=self.socket_path if self.connected else None,
-            history=converter.structure(self.executions.recent(3), list[HistoryEntry]),
-        )
-
+        """GET /sessions/{id} (view.py)."""
+        return view.active_session(self)
