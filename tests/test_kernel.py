@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -230,3 +231,31 @@ async def test_a_command_that_cannot_be_spawned_is_reported(
     assert len(recorder.spawn_failures) == 1
     assert "failed to spawn process" in recorder.spawn_failures[0]
     assert kernel.lifecycle is Lifecycle.FAILED
+
+
+def _modules_loaded_by(imports: str) -> set[str]:
+    """The modules a fresh interpreter holds after `imports`."""
+    code = f"import sys\n{imports}\nprint('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    return set(out.split())
+
+
+def test_the_kernel_layer_imports_nothing_above_it() -> None:
+    loaded = _modules_loaded_by(
+        "import kallichore_trio.kernel.kernel, kallichore_trio.kernel.startup, "
+        "kallichore_trio.kernel.launch, kallichore_trio.kernel.connection, "
+        "kallichore_trio.kernel.resources")
+    assert "kallichore_trio.kernel.kernel" in loaded
+    above = ("kallichore_trio.session", "kallichore_trio.registry", "kallichore_trio.daemon",
+             "kallichore_trio.api", "quart", "hypercorn")
+    assert sorted(m for m in loaded if m.startswith(above)) == []
+
+
+def test_the_pure_cores_import_no_io() -> None:
+    loaded = _modules_loaded_by(
+        "import kallichore_trio.core.relay, kallichore_trio.core.state, "
+        "kallichore_trio.core.queue, kallichore_trio.core.outbox, kallichore_trio.core, "
+        "kallichore_trio.wire")
+    assert "kallichore_trio.core.relay" in loaded
+    assert sorted(m for m in loaded if m.split(".")[0] in ("trio", "zmq", "quart")) == []

@@ -86,6 +86,9 @@ PORT_ATTEMPTS = 3
 
 
 class Session:
+    """One Kallichore session. It is the `KernelEvents` of its kernels (kernel/kernel.py) and
+    the `ClientHost` of its clients (client.py)."""
+
     def __init__(
         self,
         model: NewSession,
