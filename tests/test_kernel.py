@@ -34,6 +34,7 @@ from kallichore_trio.kernel.connection import (
 )
 from kallichore_trio.kernel.kernel import Kernel, KernelParams, Lifecycle
 from kallichore_trio.kernel.launch import LaunchPlan
+from kallichore_trio.kernel.startup import Probe
 from kallichore_trio.models import ConnectionInfo
 from tests.conftest import KERNELS
 
@@ -259,3 +260,25 @@ def test_the_pure_cores_import_no_io() -> None:
         "kallichore_trio.wire")
     assert "kallichore_trio.core.relay" in loaded
     assert sorted(m for m in loaded if m.split(".")[0] in ("trio", "zmq", "quart")) == []
+
+
+def _kernel_message(msg_type: str, parent: str, content: bytes) -> wire.KernelMessage:
+    return wire.KernelMessage(
+        identities=(), header={"msg_id": uuid.uuid4().hex, "msg_type": msg_type},
+        parent_header={"msg_id": parent, "msg_type": "kernel_info_request"},
+        metadata=b"{}", content=content)
+
+
+def test_the_probe_keeps_the_first_reply_and_notes_iopub() -> None:
+    probe = Probe()
+    probe.on_traffic("iopub", _kernel_message("status", "p1", b'{"execution_state": "busy"}'))
+    assert probe.iopub_seen.is_set() and probe.reply is None
+    probe.on_traffic("shell", _kernel_message("kernel_info_reply", "p1", b'{"banner": "a"}'))
+    probe.on_traffic("shell", _kernel_message("kernel_info_reply", "p2", b'{"banner": "b"}'))
+    assert probe.reply == {"banner": "a"}
+
+
+def test_a_probe_reply_that_is_not_an_object_counts_as_empty() -> None:
+    probe = Probe()
+    probe.on_traffic("shell", _kernel_message("kernel_info_reply", "p1", b"[1, 2]"))
+    assert probe.reply == {} and not probe.iopub_seen.is_set()
