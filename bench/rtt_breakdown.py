@@ -63,9 +63,9 @@ def is_idle(_session: Any, msg: Any, channel: str, **_: Any) -> bool:
 
 
 mark(websocket.WsprotoConnection, "receive_text", "reader has the frame")
-mark(session.KernelSession, "deliver", "delivered to the kernel")
+mark(session.Session, "deliver", "delivered to the kernel")
 mark(zmq_trio.TrioSocket, "send", "handed to zmq", lambda sock, *_, **__: sock.name == "shell")
-mark(session.KernelSession, "on_kernel_message", "idle status parsed", is_idle)
+mark(session.Session, "on_kernel_message", "idle status parsed", is_idle)
 
 LEGS = ["reader has the frame", "delivered to the kernel", "handed to zmq",
         "idle status parsed", "client has the idle"]

@@ -21,10 +21,10 @@ import trio
 from kallichore_trio.busypoll import BusyPoll
 from kallichore_trio.config import Config
 from kallichore_trio.errors import ConfigurationError
+from kallichore_trio.kernel.resources import ProcessTreeSampler
 from kallichore_trio.memory import load_malloc_trim, trim_after_bursts
 from kallichore_trio.models import ServerConfiguration
 from kallichore_trio.registry import SessionRegistry
-from kallichore_trio.session.resources import ProcessTreeSampler
 from kallichore_trio.timers import next_multiple
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class Daemon:
             children = self.resource_include_children
             for session in list(self.registry.sessions.values()):
                 pid = session.kernel.pid if session.kernel else None
-                if pid is None or not session.connected:
+                if pid is None or not session.client_attached:
                     continue
                 live.add(pid)
                 sampler = samplers.get(pid)

@@ -14,9 +14,9 @@ import zmq
 
 from kallichore_trio.config import KALLICHORE_VERSION, Config
 from kallichore_trio.errors import SessionExists, SessionNotFound, SessionRunning
+from kallichore_trio.kernel import launch
 from kallichore_trio.models import NewSession, ServerStatus
-from kallichore_trio.session import launch
-from kallichore_trio.session.session import KernelSession
+from kallichore_trio.session.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +37,18 @@ class SessionRegistry:
         self.runtime_dir = runtime_dir
         self.on_activity = on_activity
         self.on_traffic = on_traffic  # a message relayed, either way (busypoll.py)
-        self.sessions: dict[str, KernelSession] = {}
+        self.sessions: dict[str, Session] = {}
         self.started_at = trio.current_time()
         self.started_wall = dt.datetime.now(dt.UTC)
 
     def __repr__(self) -> str:
         return f"<SessionRegistry sessions={len(self.sessions)}>"
 
-    async def create(self, model: NewSession) -> KernelSession:
+    async def create(self, model: NewSession) -> Session:
         launch.check_kernel_path(model.argv)
         if model.session_id in self.sessions:
             raise SessionExists(model.session_id)
-        session = KernelSession(
+        session = Session(
             model,
             config=self.config,
             zmq_context=self.zmq_context,
@@ -62,7 +62,7 @@ class SessionRegistry:
                  model.argv)
         return session
 
-    def get(self, session_id: str, *, details: str | None = None) -> KernelSession:
+    def get(self, session_id: str, *, details: str | None = None) -> Session:
         try:
             return self.sessions[session_id]
         except KeyError:
@@ -91,7 +91,7 @@ class SessionRegistry:
 
     @property
     def any_connected(self) -> bool:
-        return any(s.connected for s in self.sessions.values())
+        return any(s.client_attached for s in self.sessions.values())
 
     def status(self) -> ServerStatus:
         now = trio.current_time()

@@ -22,7 +22,7 @@ from quart import Quart, Response, websocket
 
 from kallichore_trio.api.responses import error_response, json_response
 from kallichore_trio.errors import SessionNotFound, SocketPathError
-from kallichore_trio.session.session import KernelSession
+from kallichore_trio.session.session import Session
 from kallichore_trio.transport.hypercorn_ext import EXTENSION
 from kallichore_trio.transport.unix import (
     SocketPathTooLong,
@@ -84,8 +84,8 @@ def register(app: Quart, daemon: Daemon) -> None:
 _socket_serials = itertools.count(1)
 
 
-async def open_session_socket(daemon: Daemon, session: KernelSession) -> Path:
-    """The session's socket path, bound on the first call (KernelSession.channel_socket)."""
+async def open_session_socket(daemon: Daemon, session: Session) -> Path:
+    """The session's socket path, bound on the first call (Session.channel_socket)."""
     socket_dir = default_socket_dir(daemon.config)
     tried: list[Path] = []
 

@@ -19,7 +19,7 @@ from kallichore_trio.models import (
     RestartSession,
     SessionList,
 )
-from kallichore_trio.session import executions
+from kallichore_trio.session import executions, view
 
 if TYPE_CHECKING:
     from kallichore_trio.daemon import Daemon
@@ -30,7 +30,7 @@ def register(app: Quart, daemon: Daemon) -> None:
 
     @app.get("/sessions")
     async def list_sessions() -> Response:
-        sessions = [s.to_model() for s in registry.sessions.values()]
+        sessions = [view.active_session(s) for s in registry.sessions.values()]
         return json_response(SessionList(total=len(sessions), sessions=sessions))
 
     @app.put("/sessions")
@@ -41,7 +41,7 @@ def register(app: Quart, daemon: Daemon) -> None:
 
     @app.get("/sessions/<session_id>")
     async def get_session(session_id: str) -> Response:
-        return json_response(registry.get(session_id).to_model())
+        return json_response(view.active_session(registry.get(session_id)))
 
     @app.delete("/sessions/<session_id>")
     async def delete_session(session_id: str) -> Response:

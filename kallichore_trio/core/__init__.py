@@ -1,7 +1,10 @@
 """Pure cores shared by the daemon's I/O parts. Pure: no trio, zmq or quart import here.
 
-`collector.ExecutionCollector` follows one execute_request's messages and produces both the
-`/execute` reply body and the history entry; `history` clips text for history entries.
+`relay` decides what the session does with each message, both ways; `state` is the session's
+status machine and its clocks; `queue` the execution queue; `outbox` the bounded,
+sequence-numbered frames on their way to a client. `collector.ExecutionCollector` follows one
+execute_request's messages and produces both the `/execute` reply body and the history entry;
+`history` clips text for history entries.
 """
 
 from kallichore_trio.core.collector import (

@@ -21,7 +21,7 @@ import math
 import time
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import trio
@@ -33,9 +33,28 @@ from kallichore_trio.errors import ExecuteFailed, ExecuteTimeout, KallichoreErro
 from kallichore_trio.models import BodyError, ExecuteRequest
 
 if TYPE_CHECKING:
-    from kallichore_trio.session.session import KernelSession
+    from kallichore_trio.config import Config
+    from kallichore_trio.kernel.kernel import Kernel
+    from kallichore_trio.models import Status
 
 log = logging.getLogger(__name__)
+
+
+class ExecutionHost(Protocol):
+    """What `execute` needs of a session (session.Session): its one message path, its
+    interrupt, and what it is running."""
+
+    session_id: str
+    config: Config
+    executions: Executions
+    kernel: Kernel | None
+
+    @property
+    def status(self) -> Status: ...
+
+    async def deliver(self, msg: wire.ClientMessage) -> None: ...
+
+    async def interrupt(self) -> None: ...
 
 #: History entries kept per session.
 HISTORY_LENGTH = 100
@@ -198,7 +217,7 @@ def execute_message(request: ExecuteRequest) -> wire.ClientMessage:
     )
 
 
-async def execute(session: KernelSession, request: ExecuteRequest) -> dict[str, Any]:
+async def execute(session: ExecutionHost, request: ExecuteRequest) -> dict[str, Any]:
     """Run `request` through the session's one message path and answer its result once the
     execute_reply and the idle status have come (the `executeResponse` body)."""
     check_request(request)
@@ -208,7 +227,7 @@ async def execute(session: KernelSession, request: ExecuteRequest) -> dict[str, 
         while session.status == "starting":
             await executions.wait_status_change()
     kernel = session.kernel
-    if session.status in ("starting", "exited") or kernel is None or not kernel.connected:
+    if session.status in ("starting", "exited") or kernel is None or not kernel.running:
         raise ExecuteFailed("session_not_ready",
                             f"Session {session.session_id} has no running kernel "
                             f"(status {session.status})")
@@ -240,7 +259,7 @@ async def execute(session: KernelSession, request: ExecuteRequest) -> dict[str, 
     return collector.result()
 
 
-async def _interrupt(session: KernelSession, finished: trio.Event, timeout: float) -> None:
+async def _interrupt(session: ExecutionHost, finished: trio.Event, timeout: float) -> None:
     """Interrupt the kernel as POST /interrupt does, then give the interrupted request a
     moment to end: a kernel that stops on an error aborts requests that reach it before it
     has, so the caller's next request would otherwise fail for no reason of its own."""

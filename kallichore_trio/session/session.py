@@ -1,24 +1,27 @@
-"""KernelSession: one Kallichore session, from `PUT /sessions` to `DELETE`.
+"""Session: one Kallichore session, from `PUT /sessions` to `DELETE`.
 
 The session outlives its kernels: start, restart and adopt each create a `Kernel` (one
-incarnation) that runs in the session's nursery. What the client sees goes through one path:
+incarnation, kernel/kernel.py) that runs in the session's nursery and reports to the session
+through `KernelEvents`, which the session implements. What the client sees goes through one
+path; core.relay decides, the session carries it out:
 
-    kernel pumps -> on_kernel_message (state machine, execution queue, cwd) -> outbox -> client
-    client reader -> deliver (execution queue) -> Kernel.send -> zmq owner task -> kernel
+    kernel pumps -> on_kernel_message (relay.kind_of, status_verdict; state, queue, cwd)
+        -> outbox -> ClientChannel writer -> client
+    ClientChannel reader -> deliver (relay.client_action; execution queue) -> Kernel.send
+        -> zmq -> kernel
 
-Exactly one client is attached at a time; a new one evicts the old one. Frames produced while no
-client is attached stay in the outbox and go to the next client, in order.
+Exactly one client is attached at a time (a `ClientChannel`, client.py); a new one evicts the
+old one. Frames produced while no client is attached stay in the outbox and go to the next
+client, in order. Here: the lifecycle (start, restart, adopt, interrupt, kill, shutdown), the
+KernelEvents callbacks, and attaching clients.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import signal
-from collections import deque
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,19 @@ import zmq
 
 from kallichore_trio import wire
 from kallichore_trio.config import Config
+from kallichore_trio.core.outbox import Outbox
+from kallichore_trio.core.queue import ExecutionQueue, HeldMessages, QueueFull
+from kallichore_trio.core.relay import (
+    CLEAR_QUEUE_AND_SEND,
+    EXECUTE,
+    EXECUTE_REPLY,
+    OUTPUT,
+    STATUS,
+    client_action,
+    kind_of,
+    status_verdict,
+)
+from kallichore_trio.core.state import IDLE_LIKE, SessionState
 from kallichore_trio.errors import (
     KallichoreError,
     NoProcess,
@@ -38,36 +54,28 @@ from kallichore_trio.errors import (
     SessionNotRunning,
     StartupFailure,
 )
+from kallichore_trio.kernel import launch
+from kallichore_trio.kernel.connection import (
+    PortReservation,
+    connection_info,
+    new_key,
+    reserve_ports,
+    uses_handshake,
+)
+from kallichore_trio.kernel.kernel import Kernel
+from kallichore_trio.kernel.params import KernelParams
 from kallichore_trio.models import (
-    ActiveSession,
     ConnectionInfo,
-    ExecutionQueueModel,
-    HistoryEntry,
     NewSession,
     ResourceUsage,
     Status,
     VarAction,
-    converter,
     dump,
 )
-from kallichore_trio.security import session_socket_check
-from kallichore_trio.session import launch
-from kallichore_trio.session.connection import (
-    PortReservation,
-    connection_info,
-    new_key,
-    registration_file_path,
-    reserve_ports,
-    uses_handshake,
-    write_kernel_connection_file,
-)
+from kallichore_trio.session import workdir
+from kallichore_trio.session.client import ClientChannel, SessionSocket
 from kallichore_trio.session.executions import Executions
-from kallichore_trio.session.kernel import Kernel, LaunchPlan
-from kallichore_trio.session.outbox import Outbox
-from kallichore_trio.session.queue import ExecutionQueue, QueueFull
-from kallichore_trio.session.state import IDLE_LIKE, SessionState
-from kallichore_trio.transport.unix import FileIdentity, file_identity, serve_unix_socket
-from kallichore_trio.transport.websocket import ClientConnection, ClientGone
+from kallichore_trio.transport.websocket import ClientConnection
 
 log = logging.getLogger(__name__)
 
@@ -75,43 +83,12 @@ log = logging.getLogger(__name__)
 HELD_LIMIT = 1000
 #: Start attempts, each on freshly picked ports, when the kernel finds a port taken.
 PORT_ATTEMPTS = 3
-EVICTED_REASON = "Another client is connecting to this session."
-#: Frames whose loss under overflow costs little: output that a later frame supersedes.
-_DROPPABLE_IOPUB = frozenset({"stream"})
-#: A batch this long is written without lingering for more.
-_LINGER_UNTIL_FRAMES = 64
 
 
-@attrs.define(eq=False)
-class ClientSlot:
-    """The attached client: its connection, and the scope that ends its tasks."""
+class Session:
+    """One Kallichore session. It is the `KernelEvents` of its kernels (kernel/kernel.py) and
+    the `ClientHost` of its clients (client.py)."""
 
-    conn: ClientConnection
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    evicted: bool = False
-    done: trio.Event = attrs.field(factory=trio.Event)
-    pings_sent: int = 0
-    #: When the write in progress began (trio clock), or None between writes.
-    write_started: float | None = None
-    #: The per-session Unix socket the client came through (None on TCP).
-    socket_path: str | None = None
-
-
-@attrs.frozen
-class ChannelSocket:
-    """A session's listening Unix socket (socket transport), and the scope that ends it."""
-
-    path: Path
-    identity: FileIdentity | None
-    scope: trio.CancelScope
-
-    def intact(self) -> bool:
-        """Is the file at `path` still the one our listener is bound to? (Something outside
-        the daemon, a temp-dir cleaner say, may have removed it.)"""
-        return self.identity is not None and file_identity(self.path) == self.identity
-
-
-class KernelSession:
     def __init__(
         self,
         model: NewSession,
@@ -125,12 +102,10 @@ class KernelSession:
         self.model = model
         self.session_id = model.session_id
         self.config = config
-        self.zmq_context = zmq_context
         self.runtime_dir = runtime_dir
         self.on_activity = on_activity
         self.on_traffic = on_traffic
         self.key = new_key()
-        self.signer = wire.Signer(self.key.encode())
         self.protocol_version = model.protocol_version or "5.3"
         self.created = dt.datetime.now(dt.UTC)
         self.state = SessionState(idle_since=trio.current_time())
@@ -147,25 +122,36 @@ class KernelSession:
         self.continuation_prompt = model.continuation_prompt
         self.connection: ConnectionInfo | None = None
         self.kernel: Kernel | None = None
-        self.client: ClientSlot | None = None
-        self._channel_socket: ChannelSocket | None = None
-        self._channel_socket_lock = trio.Lock()
+        self.client: ClientChannel | None = None
+        self._socket = SessionSocket(
+            self.session_id, config,
+            lambda conn, path: self.serve_client(conn, socket_path=path))
         self.resource_usage: ResourceUsage | None = None
         self.restarting = False
         self._adopt_ports: PortReservation | None = None
         self._lifecycle = trio.Lock()
-        self._held: deque[wire.ClientMessage] = deque()
-        self._changed = trio.Event()
-        self._room = trio.Event()
-        self._linger: trio.CancelScope | None = None  # the writer holding output back
-        self._high_water = max(1, config.outbox.max_frames // 2)
+        self._held = HeldMessages(HELD_LIMIT)
         self._nursery: trio.Nursery | None = None
+        self.kernel_params = KernelParams(
+            session_id=self.session_id,
+            username=model.username,
+            protocol_version=self.protocol_version,
+            key=self.key,
+            signer=wire.Signer(self.key.encode()),
+            zmq_context=zmq_context,
+            timeouts=config.timeouts,
+            startup_timeout=(float(model.connection_timeout)
+                             if model.connection_timeout and model.connection_timeout > 0
+                             else config.timeouts.default_connection),
+            startup_environment=model.startup_environment,
+            startup_environment_arg=model.startup_environment_arg,
+        )
 
     def __repr__(self) -> str:
         pid = self.kernel.pid if self.kernel else None
         return (
-            f"<KernelSession {self.session_id!r} {self.state.status} pid={pid} "
-            f"connected={self.connected} outbox={len(self.outbox)}>"
+            f"<Session {self.session_id!r} {self.state.status} pid={pid} "
+            f"client_attached={self.client_attached} outbox={len(self.outbox)}>"
         )
 
     # ---- lifetime ------------------------------------------------------------------------
@@ -187,7 +173,8 @@ class KernelSession:
             self._nursery.cancel_scope.cancel()
 
     @property
-    def connected(self) -> bool:
+    def client_attached(self) -> bool:
+        """A client is attached (the `connected` of the HTTP model)."""
         return self.client is not None
 
     @property
@@ -205,23 +192,22 @@ class KernelSession:
         """Queue a frame for the client. Urgent frames (by default all but droppable output)
         are written at once; the others may wait for company (Config.output_linger)."""
         self.outbox.append(text, droppable=droppable, urgent=urgent)
-        if self._linger is not None and not self.outbox.can_wait:
-            self._linger.cancel()  # a status or reply: write what is pending now
-        self._changed.set()
+        client = self.client
+        if client is not None:
+            client.wake()
 
     async def wait_for_room(self) -> None:
         """Backpressure: while a client is attached and behind by more than the high-water
         mark, wait until it catches up. With no client attached nobody drains the outbox, so
         it sheds droppable output instead (see outbox.py)."""
-        while self.client is not None and len(self.outbox) > self._high_water:
-            self._room = trio.Event()
-            await self._room.wait()
+        while (client := self.client) is not None and len(self.outbox) > client.high_water:
+            await client.wait_caught_up()
 
     def set_status(self, new: Status, reason: str | None) -> None:
         if not self.state.set(new, trio.current_time()):
             return
         if new == "exited":
-            self.queue.clear()
+            self.clear_queue()
             self.executions.kernel_exited()
         self.executions.status_changed()
         self.emit(wire.status_event(new, reason))
@@ -233,35 +219,30 @@ class KernelSession:
     def on_kernel_message(
         self, msg: wire.KernelMessage, channel: str
     ) -> wire.ClientMessage | None:
-        """Account for a kernel message and relay it; return a queued request now due."""
+        """Account for a kernel message and relay it; return a queued request now due. What
+        to do is decided by core.relay; this carries it out."""
+        kind = kind_of(channel, msg.msg_type)
         due = None
-        droppable = False
-        if channel == "iopub":
-            msg_type = msg.msg_type
-            if msg_type == "status":
-                due = self._on_status(msg)
-            droppable = msg_type in _DROPPABLE_IOPUB
-        elif channel == "shell" and msg.msg_type == "execute_reply":
+        if kind is STATUS:
+            due = self._on_status(msg)
+        elif kind is EXECUTE_REPLY:
             due = self.queue.finished(msg.parent_msg_id)
         if self.executions.followed:  # nothing more for a message while nothing is followed
             self.executions.observe(msg)
-        self.emit(wire.relay_frame(msg, channel), droppable=droppable)
+        self.emit(wire.relay_frame(msg, channel), droppable=kind is OUTPUT)
         if due is not None:
             self.executions.sent(due.msg_id)  # the caller sends it now
         return due
 
     def _on_status(self, msg: wire.KernelMessage) -> wire.ClientMessage | None:
-        content = msg.content_json()
-        state = content.get("execution_state") if isinstance(content, dict) else None
-        if state not in ("busy", "idle"):
-            return None
         reason = msg.parent_msg_type
-        self.set_status(state, reason)
-        if state != "idle":
+        verdict = status_verdict(msg.content_json(), reason)
+        if verdict.status is None:
             return None
-        if reason == "execute_request":
+        self.set_status(verdict.status, reason)
+        if verdict.checks_cwd:
             self._check_working_directory()
-        return self.queue.finished(msg.parent_msg_id)
+        return self.queue.finished(msg.parent_msg_id) if verdict.ends_request else None
 
     def _check_working_directory(self) -> None:
         pid = self.kernel.pid if self.kernel else None
@@ -288,15 +269,11 @@ class KernelSession:
         self.set_status("exited", reason)
 
     def on_heartbeat(self, alive: bool) -> None:
-        status = self.state.status
-        if alive and status == "offline":
-            self.set_status(self.state.before_offline or "idle",
-                            "heartbeat detected after offline")
-        elif not alive and status in ("idle", "ready"):
-            # A busy kernel may legitimately miss beats (IRkernel answers none while busy),
-            # and its process is alive: only a quiet, unanswering kernel is offline.
-            log.warning("session %s: lost heartbeat", self.session_id)
-            self.set_status("offline", "lost heartbeat")
+        change = self.state.after_heartbeat(alive)
+        if change is not None:
+            if not alive:
+                log.warning("session %s: lost heartbeat", self.session_id)
+            self.set_status(*change)
 
     def on_resource_usage(self, usage: ResourceUsage) -> None:
         self.resource_usage = usage
@@ -313,7 +290,8 @@ class KernelSession:
     async def deliver(self, msg: wire.ClientMessage) -> None:
         """A client message on its way to the kernel, through the execution queue."""
         self.on_traffic()
-        if msg.msg_type == "execute_request" and _has_code(msg):
+        action = client_action(msg.msg_type, msg.content)
+        if action is EXECUTE:
             self.executions.requested(msg)
             try:
                 send_now = self.queue.submit(msg)
@@ -326,39 +304,32 @@ class KernelSession:
                 self.emit(wire.execution_queued_event(msg.msg_id))
                 return
             self.executions.sent(msg.msg_id)
-        elif msg.msg_type in ("interrupt_request", "shutdown_request"):
-            self.queue.clear()
+        elif action is CLEAR_QUEUE_AND_SEND:
+            self.clear_queue()
         await self._send(msg)
+
+    def clear_queue(self) -> None:
+        """The one place the execution queue is cleared (the rule is core.relay's): whatever
+        ends what the kernel is running drops what waits behind it. That is an interrupt or
+        shutdown request (the client's, or ours: `interrupt`, `_stop_kernel`), SIGINT, SIGKILL
+        (`kill`) and the kernel's exit (`set_status`)."""
+        self.queue.clear()
 
     async def _send(self, msg: wire.ClientMessage) -> None:
         kernel = self.kernel
-        if kernel is None or not kernel.connected or self._held:
-            if len(self._held) >= HELD_LIMIT:
-                dropped = self._held.popleft()
+        if kernel is None or not kernel.running or self._held:
+            dropped = self._held.hold(msg)
+            if dropped is not None:
                 log.warning("session %s: no kernel to receive %s; dropped the oldest held "
                             "message %s", self.session_id, msg.msg_type, dropped.msg_id)
-            self._held.append(msg)
             return
         await kernel.send(msg)
 
     async def _flush_held(self, kernel: Kernel) -> None:
-        while self._held and kernel.connected:
-            await kernel.send(self._held.popleft())
-
-    async def send_own_request(
-        self, kernel: Kernel, channel: str, msg_type: str, content: dict[str, Any]
-    ) -> str:
-        if msg_type in ("interrupt_request", "shutdown_request"):
-            self.queue.clear()
-        return await kernel.send_request(channel, msg_type, content)
+        while self._held and kernel.running:
+            await kernel.send(self._held.pop())
 
     # ---- lifecycle operations (HTTP) -----------------------------------------------------
-
-    def _startup_timeout(self) -> float:
-        timeout = self.model.connection_timeout
-        if timeout is None or timeout <= 0:
-            return self.config.timeouts.default_connection
-        return float(timeout)
 
     async def start(self) -> dict[str, Any]:
         """Start the kernel; return its kernel_info_reply content (StartupFailure otherwise)."""
@@ -398,53 +369,19 @@ class KernelSession:
         raise AssertionError("unreachable: the last attempt never retries")
 
     def _prepare_kernel(self, *, retry_on_port_conflict: bool) -> Kernel:
-        cwd = self.working_directory
-        if not os.path.isdir(cwd):
-            # As the reference does: a project folder that was moved or deleted must still
-            # give the user a console, so the kernel starts in the daemon's own directory, and
-            # the client is told why (as kernel output, kept for a client not yet connected).
-            missing = cwd
-            try:
-                cwd = os.getcwd()
-            except OSError as exc:  # the daemon's own directory is gone too
-                raise ProcessStartFailed(
-                    f"the working directory '{missing}' does not exist or is not a directory, "
-                    f"and neither does the daemon's ({exc})"
-                ) from None
-            log.warning("session %s: working directory %r does not exist or is not a "
-                        "directory; starting the kernel in %r", self.session_id, missing, cwd)
-            self.emit(wire.output_event(
-                "stderr",
-                f"The working directory '{missing}' does not exist or is not a directory; "
-                f"the kernel starts in '{cwd}' instead.\n",
-            ))
+        cwd, notice = workdir.start_directory(self.session_id, self.working_directory)
+        if notice is not None:
+            self.emit(wire.output_event("stderr", notice))
             self.working_directory = cwd
             self.emit(wire.working_dir_changed_event(cwd))
-        ports = None
-        info = None
-        handshake = uses_handshake(self.protocol_version)
-        try:
-            if handshake:
-                path = registration_file_path(self.runtime_dir, self.session_id)
-            else:
-                ports = reserve_ports()
-                info = connection_info(ports.ports, self.key)
-                path = write_kernel_connection_file(self.runtime_dir, self.session_id, info)
-                self.connection = info
-        except OSError as exc:
-            if ports is not None:
-                ports.release()
-            raise ProcessStartFailed(f"could not prepare the connection file: {exc}") from None
-        argv = launch.substitute_connection_file(self.model.argv, path)
-        env = launch.resolve_env(os.environ, self.env_actions)
-        self.initial_env = env
-        command = launch.build_command(self.model, argv, cwd)
-        shell = command[0] if command[:1] != argv[:1] else None
-        plan = LaunchPlan(command=command, env=env, cwd=cwd, shell=shell,
-                          connection_file=path, handshake=handshake)
-        return Kernel(self, info=info, plan=plan, ports=ports,
-                      startup_timeout=self._startup_timeout(),
-                      retry_on_port_conflict=retry_on_port_conflict)
+        prepared = launch.prepare(
+            self.model, session_id=self.session_id, key=self.key, runtime_dir=self.runtime_dir,
+            cwd=cwd, env_actions=self.env_actions, handshake=uses_handshake(self.protocol_version))
+        if prepared.info is not None:
+            self.connection = prepared.info
+        self.initial_env = prepared.plan.env
+        return Kernel(self, self.kernel_params, info=prepared.info, plan=prepared.plan,
+                      ports=prepared.ports, retry_on_port_conflict=retry_on_port_conflict)
 
     async def _run_kernel(self, kernel: Kernel, *, task_status: trio.TaskStatus[Any]) -> None:
         try:
@@ -480,33 +417,24 @@ class KernelSession:
                     self.env_actions = list(env)
                 kernel = self.kernel
                 if kernel is not None and not kernel.exited.is_set():
-                    await kernel.stop(restart=True,
-                                      grace=self.config.timeouts.shutdown_request)
+                    await self._stop_kernel(kernel, restart=True)
                 await self._start_locked()
         finally:
             self.restarting = False
 
     def _restart_working_directory(self, requested: str | None) -> None:
-        if requested:
-            path = Path(requested).expanduser()
-            try:
-                resolved = path.resolve(strict=True)
-            except OSError:
-                resolved = None
-            if resolved is not None and resolved.is_dir():
-                self.working_directory = str(resolved)
-                return
-            log.warning("session %s: restart working directory %r is not a directory; ignored",
-                        self.session_id, requested)
-        self._check_working_directory()
+        resolved = workdir.restart_directory(self.session_id, requested) if requested else None
+        if resolved is not None:
+            self.working_directory = resolved
+        else:
+            self._check_working_directory()
 
     async def adopt(self, info: ConnectionInfo) -> dict[str, Any]:
         async with self._lifecycle:
             # Signed with the session's own key (the kernel got it from connection_info).
             info = attrs.evolve(info, key=self.key)
             self.connection = info
-            kernel = Kernel(self, info=info, plan=None, ports=None,
-                            startup_timeout=self._startup_timeout())
+            kernel = Kernel(self, self.kernel_params, info=info, plan=None, ports=None)
             self.kernel = kernel
             assert self._nursery is not None
             reply: dict[str, Any] = await self._nursery.start(self._run_kernel, kernel)
@@ -522,16 +450,22 @@ class KernelSession:
     async def interrupt(self) -> None:
         kernel = self.kernel
         if self.model.interrupt_mode == "signal":
-            pid = kernel.pid if kernel else None
-            if pid is None:
+            if kernel is None or kernel.pid is None:
                 raise SessionInterruptFailed(self.session_id, "No process ID to interrupt")
-            self.queue.clear()
-            if not kernel or not kernel.signal(signal.SIGINT):
+            pid = kernel.pid
+            self.clear_queue()
+            if not kernel.signal(signal.SIGINT):
                 raise SessionInterruptFailed(self.session_id, f"Process {pid} not found")
             return
-        if kernel is None or not kernel.connected:
+        if kernel is None or not kernel.running:
             raise SessionInterruptFailed(self.session_id, "the kernel is not running")
-        await self.send_own_request(kernel, "control", "interrupt_request", {})
+        self.clear_queue()
+        await kernel.send_request("control", "interrupt_request", {})
+
+    async def _stop_kernel(self, kernel: Kernel, *, restart: bool) -> None:
+        if kernel.running:  # a shutdown_request goes out (Kernel.stop)
+            self.clear_queue()
+        await kernel.stop(restart=restart, grace=self.config.timeouts.shutdown_request)
 
     def kill(self) -> None:
         if self.state.status == "exited":
@@ -539,208 +473,33 @@ class KernelSession:
         kernel = self.kernel
         if kernel is None or kernel.pid is None:
             raise NoProcess(self.session_id)
-        self.queue.clear()
+        self.clear_queue()
         kernel.kill()
 
     async def shutdown(self) -> None:
         """End the kernel for good: shutdown_request, then SIGTERM, then SIGKILL."""
         kernel = self.kernel
         if kernel is not None and not kernel.exited.is_set():
-            await kernel.stop(restart=False, grace=self.config.timeouts.shutdown_request)
+            await self._stop_kernel(kernel, restart=False)
             with trio.move_on_after(self.config.timeouts.kill):
                 await kernel.exited.wait()
 
     # ---- the client ----------------------------------------------------------------------
 
     async def channel_socket(self, new_path: Callable[[], Path]) -> Path:
-        """The session's Unix socket for clients (socket transport).
+        """The session's Unix socket for clients (socket transport), bound at `new_path()` on
+        the first call and kept until the session ends (client.SessionSocket). Raises
+        SessionNotFound if the session was deleted meanwhile."""
+        return await self._socket.path(new_path, self._live_nursery)
 
-        The first call binds it at `new_path()` in the session's nursery; it then listens until
-        the session ends, and every later call returns the same path. Asking again therefore
-        disturbs nobody: a connected client is evicted only when a new one connects
-        (`serve_client`), and no listener is ever torn down or re-bound under a client that is
-        about to connect. Only if the file has gone is a new socket bound, at a new path.
-        Raises what `new_path` raises (SocketPathTooLong), OSError if the bind fails, and
-        SessionNotFound if the session was deleted meanwhile.
-        """
-        async with self._channel_socket_lock:
-            if self._nursery is None or self._nursery.cancel_scope.cancel_called:
-                raise SessionNotFound(self.session_id)
-            current = self._channel_socket
-            if current is not None and current.intact():
-                return current.path
-            if current is not None:
-                log.warning("session %s: socket %s has gone; binding a new one",
-                            self.session_id, current.path)
-                current.scope.cancel()
-                self._channel_socket = None
-            path = new_path()
-            scope = trio.CancelScope()
-            await self._nursery.start(self._listen, path, scope)
-            self._channel_socket = ChannelSocket(path, file_identity(path), scope)
-            return path
-
-    async def _listen(self, path: Path, scope: trio.CancelScope, *,
-                      task_status: trio.TaskStatus[Path]) -> None:
-        with scope:
-            await serve_unix_socket(
-                path, partial(self.serve_client, socket_path=str(path)),
-                authorize=session_socket_check(self.config),
-                handshake_timeout=self.config.timeouts.socket_handshake, task_status=task_status)
+    def _live_nursery(self) -> trio.Nursery:
+        if self._nursery is None or self._nursery.cancel_scope.cancel_called:
+            raise SessionNotFound(self.session_id)
+        return self._nursery
 
     async def serve_client(self, conn: ClientConnection, *,
                            socket_path: str | None = None) -> None:
-        """Run one client until it leaves or a newer client evicts it."""
-        previous = self.client
-        slot = ClientSlot(conn, socket_path=socket_path)
-        self.client = slot
-        self.on_activity()
-        if previous is not None:
-            previous.evicted = True
-            self._changed.set()
-            # Let the old writer finish the frame it is sending; then it is cut off.
-            with trio.move_on_after(2.0):
-                await previous.done.wait()
-            previous.scope.cancel()
-            with trio.move_on_after(2.0):
-                await previous.done.wait()
-        log.info("session %s: client connected", self.session_id)
-        try:
-            with slot.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._client_reader, slot)
-                    nursery.start_soon(self._client_keepalive, slot)
-                    await self._client_writer(slot)
-                    nursery.cancel_scope.cancel()
-        finally:
-            if self.client is slot:
-                self.client = None
-                self._room.set()
-            slot.done.set()
-            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
-                if slot.evicted:
-                    try:
-                        await conn.send_text(wire.client_disconnected_event(EVICTED_REASON))
-                    except ClientGone:
-                        pass
-                await conn.close()
-            log.info("session %s: client %s", self.session_id,
-                     "evicted" if slot.evicted else "disconnected")
-
-    async def _client_writer(self, slot: ClientSlot) -> None:
-        """Outbox -> client, in order, a batch per socket write; a batch is released only once
-        it was written. The write timeout is enforced by `_client_keepalive`, which aborts the
-        connection under a stuck write (a cancel scope cannot: Hypercorn shields its writes)."""
-        while not slot.evicted:
-            batch = self.outbox.read()
-            if batch.missed:
-                log.warning("session %s: the outbox overflowed; %d frames were dropped",
-                            self.session_id, batch.missed)
-                # Tell the user, through an event Positron shows in the kernel's output.
-                notice = (f"[kallichore-trio] {batch.missed} output frames were dropped while "
-                          "no client was reading\n")
-                try:
-                    await slot.conn.send_text(wire.output_event("stderr", notice))
-                except ClientGone:
-                    return
-            if not batch.frames:
-                self._changed = trio.Event()
-                await self._changed.wait()
-                continue
-            if self.outbox.can_wait and len(batch.frames) < _LINGER_UNTIL_FRAMES:
-                # Only output so far: let more join it (see Config.output_linger).
-                with trio.move_on_after(self.config.output_linger) as self._linger:
-                    await trio.sleep_forever()
-                self._linger = None
-                batch = self.outbox.read()
-            slot.write_started = trio.current_time()
-            try:
-                await slot.conn.send_texts([text for _, text in batch.frames])
-            except ClientGone:
-                return
-            finally:
-                slot.write_started = None
-            self.outbox.ack(batch.frames[-1][0])
-            if len(self.outbox) <= self._high_water:
-                self._room.set()
-
-    async def _client_reader(self, slot: ClientSlot) -> None:
-        try:
-            while (text := await slot.conn.receive_text()) is not None:
-                try:
-                    msg = wire.parse_client_frame(text)
-                except wire.ClientFrameError as exc:
-                    log.warning("session %s: dropped a client frame: %s", self.session_id, exc)
-                    continue
-                await self.deliver(msg)
-        except ClientGone:
-            pass
-        slot.scope.cancel()
-
-    async def _client_keepalive(self, slot: ClientSlot) -> None:
-        """Ping every period with an 8-byte counter. A client is dropped when more than 3 pings
-        are unanswered or a write has been stuck for the write timeout."""
-        period = self.config.timeouts.client_ping
-        write_timeout = self.config.timeouts.client_write
-        tick = min(period, write_timeout)
-        next_ping = trio.current_time() + period  # the first Ping one period after connecting
-        while True:
-            await trio.sleep(tick)
-            last = slot.conn.last_pong
-            answered = int.from_bytes(last, "big") if last and len(last) == 8 else 0
-            started = slot.write_started
-            now = trio.current_time()
-            if slot.pings_sent - answered > 3:
-                reason = f"{slot.pings_sent - answered} pings unanswered"
-            elif started is not None and now - started > write_timeout:
-                reason = f"a write blocked for over {write_timeout:g} s"
-            else:
-                if now >= next_ping:
-                    next_ping = now + period
-                    slot.pings_sent += 1
-                    # The Ping waits behind a stuck write; it is then one more unanswered.
-                    with trio.move_on_after(tick):
-                        try:
-                            await slot.conn.ping(slot.pings_sent.to_bytes(8, "big"))
-                        except ClientGone:
-                            slot.scope.cancel()
-                            return
-                continue
-            log.warning("session %s: lost connection with client (%s)", self.session_id, reason)
-            await slot.conn.abort()
-            slot.scope.cancel()
-            return
+        """Run one client until it leaves or a newer client evicts it (ClientChannel.serve)."""
+        await ClientChannel(conn, self, config=self.config, socket_path=socket_path).serve()
 
     # ---- the HTTP view -------------------------------------------------------------------
-
-    def to_model(self) -> ActiveSession:
-        now = trio.current_time()
-        return ActiveSession(
-            session_id=self.session_id,
-            argv=list(self.model.argv),
-            process_id=self.kernel.pid if self.kernel else None,
-            username=self.model.username,
-            display_name=self.model.display_name,
-            language=self.model.language,
-            interrupt_mode=self.model.interrupt_mode,
-            initial_env=self.initial_env,
-            connected=self.connected,
-            started=self.created,
-            session_mode=self.model.session_mode,
-            working_directory=self.working_directory,
-            notebook_uri=self.model.notebook_uri,
-            input_prompt=self.input_prompt,
-            continuation_prompt=self.continuation_prompt,
-            execution_queue=converter.structure(self.queue.to_dict(), ExecutionQueueModel),
-            status=self.state.status,
-            kernel_info=self.kernel_info,
-            resource_usage=self.resource_usage,
-            idle_seconds=self.state.idle_seconds(now),
-            busy_seconds=self.state.busy_seconds(now),
-            socket_path=self.socket_path if self.connected else None,
-            history=converter.structure(self.executions.recent(3), list[HistoryEntry]),
-        )
-
-
-def _has_code(msg: wire.ClientMessage) -> bool:
-    return isinstance(msg.content, dict) and isinstance(msg.content.get("code"), str)

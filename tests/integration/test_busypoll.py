@@ -21,8 +21,8 @@ from httpx_ws import aconnect_ws
 
 from kallichore_trio import config
 from kallichore_trio.busypoll import BusyPoll
-from kallichore_trio.session.kernel import Kernel
-from kallichore_trio.session.session import KernelSession
+from kallichore_trio.kernel.kernel import Kernel
+from kallichore_trio.session.session import Session
 from tests.helpers import (
     RunningDaemon,
     collect_until_done,
@@ -240,10 +240,10 @@ async def test_kernel_messages_are_traffic_and_an_idle_session_is_not(
         return wrapper
 
     monkeypatch.setattr(Kernel, "_relay", counting("relays", Kernel._relay))
-    monkeypatch.setattr(KernelSession, "on_heartbeat",
-                        counting("heartbeats", KernelSession.on_heartbeat))
-    monkeypatch.setattr(KernelSession, "on_resource_usage",
-                        counting("samples", KernelSession.on_resource_usage))
+    monkeypatch.setattr(Session, "on_heartbeat",
+                        counting("heartbeats", Session.on_heartbeat))
+    monkeypatch.setattr(Session, "on_resource_usage",
+                        counting("samples", Session.on_resource_usage))
     session_id = await polled.create()
     assert poller.periods == 0
     response = await polled.start(session_id)

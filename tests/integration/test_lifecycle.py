@@ -310,7 +310,7 @@ async def test_restart_of_an_adopted_kernel_shuts_it_down_then_fails_with_ks5_no
 ) -> None:
     # docs/protocol.md §6.9 on a session adopted with argv []: shutdown_request
     # {"restart": true} to the kernel, wait for its exit, then the start algorithm, which has
-    # no argv to run (§6.2).
+    # no argv to run (docs/protocol.md §6.2).
     session_id = await daemon.create([])
     info = (await daemon.client.get(f"/sessions/{session_id}/connection_info")).json()
     async with external_kernel(info, tmp_path) as process:

@@ -1,4 +1,4 @@
-"""kallichore_trio.session.launch against real processes."""
+"""kallichore_trio.kernel.launch against real processes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import psutil
 import pytest
 
-from kallichore_trio.session import launch
+from kallichore_trio.kernel import launch
 
 NOBODY = 65534
 
@@ -34,7 +34,7 @@ def test_signal_group_returns_false_for_a_process_that_is_not_ours() -> None:
         if os.geteuid() == 0:
             # Root may signal anything: ask from a child that has given up root.
             code = (  # imports first: the venv may not be readable by nobody
-                "import os; from kallichore_trio.session import launch; "
+                "import os; from kallichore_trio.kernel import launch; "
                 f"os.setgid({NOBODY}); os.setuid({NOBODY}); "
                 f"print(launch.signal_group({target.pid}, 0))"
             )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kallichore_trio.session.outbox import Outbox
-from kallichore_trio.session.queue import ExecutionQueue, QueueFull
-from kallichore_trio.session.state import SessionState
+from kallichore_trio.core.outbox import Outbox
+from kallichore_trio.core.queue import ExecutionQueue, HeldMessages, QueueFull
+from kallichore_trio.core.state import SessionState
 from kallichore_trio.wire import ClientMessage
 
 
@@ -172,3 +172,36 @@ def test_urgency_defaults_to_not_droppable_and_can_be_chosen(
     outbox.append("stream", droppable=True)
     outbox.append("frame", droppable=droppable, urgent=urgent)
     assert outbox.can_wait is can_wait
+
+
+@pytest.mark.parametrize(
+    ("status", "before_offline", "alive", "change"),
+    [
+        ("offline", "busy", True, ("busy", "heartbeat detected after offline")),
+        ("offline", None, True, ("idle", "heartbeat detected after offline")),
+        ("idle", None, False, ("offline", "lost heartbeat")),
+        ("ready", None, False, ("offline", "lost heartbeat")),
+        # A busy kernel may miss beats; a starting or exited one is not watched for them.
+        ("busy", None, False, None),
+        ("starting", None, False, None),
+        ("exited", None, False, None),
+        ("offline", "idle", False, None),
+        ("idle", None, True, None),
+        ("busy", None, True, None),
+    ],
+)
+def test_what_a_heartbeat_result_changes(status: str, before_offline: str | None, alive: bool,
+                                         change: tuple[str, str] | None) -> None:
+    state = SessionState(status=status, before_offline=before_offline)  # type: ignore[arg-type]
+    assert state.after_heartbeat(alive) == change
+
+
+def test_held_messages_keep_their_order_and_drop_the_oldest_past_the_limit() -> None:
+    held = HeldMessages(limit=2)
+    a, b, c = request("a"), request("b"), request("c")
+    assert not held
+    assert held.hold(a) is None and held.hold(b) is None
+    assert held.hold(c) is a
+    assert len(held) == 2
+    assert [held.pop(), held.pop()] == [b, c]
+    assert not held

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from kallichore_trio.session.resources import ProcessTreeSampler, descendants
+from kallichore_trio.kernel.resources import ProcessTreeSampler, descendants
 
 # A parent that starts a child, says so, and both wait until stdin closes.
 PARENT = (

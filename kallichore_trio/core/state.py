@@ -44,7 +44,13 @@ class SessionState:
     def busy_seconds(self, now: float) -> int:
         return int(now - self.busy_since) if self.busy_since is not None else 0
 
-    @property
-    def running(self) -> bool:
-        """Whether a kernel (or the chance of one) is attached: anything but exited."""
-        return self.status not in ("exited", "uninitialized")
+    def after_heartbeat(self, alive: bool) -> tuple[Status, str] | None:
+        """The status change (and its reason) a heartbeat result calls for, if any: back from
+        offline when it answers again, offline when a quiet kernel stops answering. A busy
+        kernel may legitimately miss beats (IRkernel answers none while busy), and its process
+        is alive: only a quiet, unanswering kernel is offline."""
+        if alive and self.status == "offline":
+            return self.before_offline or "idle", "heartbeat detected after offline"
+        if not alive and self.status in ("idle", "ready"):
+            return "offline", "lost heartbeat"
+        return None

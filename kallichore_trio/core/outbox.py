@@ -134,14 +134,6 @@ class Outbox:
         while self._droppable and self._droppable[0] <= seq:
             self._droppable.popleft()
 
-    def drain(self) -> list[str]:
-        """Remove and return every frame (the session is going away)."""
-        texts = list(self._frames.values())
-        self._frames.clear()
-        self._droppable.clear()
-        self._bytes = 0
-        return texts
-
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(
             frames=len(self._frames),

@@ -16,10 +16,18 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import attrs
 import trio
 
 from kallichore_trio.errors import KernelPathNotFound, ProcessStartFailed
-from kallichore_trio.models import NewSession, VarAction
+from kallichore_trio.kernel.connection import (
+    PortReservation,
+    connection_info,
+    registration_file_path,
+    reserve_ports,
+    write_kernel_connection_file,
+)
+from kallichore_trio.models import ConnectionInfo, NewSession, VarAction
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,57 @@ STARTUP_SUCCESS = "KALLICHORE_STARTUP_SUCCESS"
 # Characters that make an argv element need quoting in the shell command line
 # (docs/protocol.md §6.3).
 _SPECIAL = set("\\\"'`${}()*?! \t\n;&|<>[]")
+
+
+@attrs.define
+class LaunchPlan:
+    """What to spawn; None for an adopted kernel."""
+
+    command: list[str]
+    env: dict[str, str]
+    cwd: str
+    shell: str | None
+    #: The file named in argv: a connection file, or for JEP 66 a registration file that the
+    #: kernel writes nothing to and we write once the registration socket is bound.
+    connection_file: Path
+    handshake: bool = False
+
+
+@attrs.frozen
+class Prepared:
+    """A launch ready to go: the plan, and (without the JEP 66 handshake) the ports reserved
+    for the kernel and the connection info written to its connection file."""
+
+    plan: LaunchPlan
+    info: ConnectionInfo | None
+    ports: PortReservation | None
+
+
+def prepare(model: NewSession, *, session_id: str, key: str, runtime_dir: Path, cwd: str,
+            env_actions: Sequence[VarAction], handshake: bool) -> Prepared:
+    """Reserve ports and write the connection file (or pick the registration file's path for
+    the handshake), and build the command and its environment. ProcessStartFailed if the file
+    cannot be written."""
+    ports = None
+    info = None
+    try:
+        if handshake:
+            path = registration_file_path(runtime_dir, session_id)
+        else:
+            ports = reserve_ports()
+            info = connection_info(ports.ports, key)
+            path = write_kernel_connection_file(runtime_dir, session_id, info)
+    except OSError as exc:
+        if ports is not None:
+            ports.release()
+        raise ProcessStartFailed(f"could not prepare the connection file: {exc}") from None
+    argv = substitute_connection_file(model.argv, path)
+    env = resolve_env(os.environ, env_actions)
+    command = build_command(model, argv, cwd)
+    shell = command[0] if command[:1] != argv[:1] else None
+    plan = LaunchPlan(command=command, env=env, cwd=cwd, shell=shell,
+                      connection_file=path, handshake=handshake)
+    return Prepared(plan, info, ports)
 
 
 def check_kernel_path(argv: Sequence[str]) -> None:
@@ -184,14 +243,16 @@ def clean_startup_output(text: str) -> str:
     return "\n".join(lines)
 
 
-def startup_context(model: NewSession, raw_output: str, shell: str | None, *, exited: bool) -> str:
-    """The `details` of a startup error: what the user should look at (docs/protocol.md §6.4)."""
-    mode = model.startup_environment
-    if mode in ("none", "shell") or not model.startup_environment_arg:
+def startup_context(mode: str, startup_arg: str | None, raw_output: str, shell: str | None,
+                    *, exited: bool) -> str:
+    """The `details` of a startup error: what the user should look at (docs/protocol.md §6.4).
+    `mode` and `startup_arg` are the session's `startup_environment` and
+    `startup_environment_arg`."""
+    if mode in ("none", "shell") or not startup_arg:
         return "Kernel failed to start" if exited else "Kernel failed to connect to ZeroMQ sockets"
     noun = "script" if mode == "script" else "command"
     prefix = f"Shell: {shell}\n" if shell else ""
-    prefix += f"Startup {noun}: {model.startup_environment_arg}\n"
+    prefix += f"Startup {noun}: {startup_arg}\n"
     if STARTUP_BEGIN not in raw_output:
         tail = (
             f"Startup {noun} could not be executed"

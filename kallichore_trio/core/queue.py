@@ -63,3 +63,24 @@ class ExecutionQueue:
         if self.active is not None:
             body["active"] = self.active.relay_dict()
         return body
+
+
+class HeldMessages:
+    """Client messages held while no kernel is running, for the next one, in order. Bounded:
+    past `limit` the oldest is dropped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._messages: deque[ClientMessage] = deque()
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def hold(self, msg: ClientMessage) -> ClientMessage | None:
+        """Keep `msg`; return the message dropped to make room, if any."""
+        dropped = self._messages.popleft() if len(self._messages) >= self.limit else None
+        self._messages.append(msg)
+        return dropped
+
+    def pop(self) -> ClientMessage:
+        return self._messages.popleft()

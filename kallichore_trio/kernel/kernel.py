@@ -1,51 +1,42 @@
 """One kernel incarnation: a kernel process (none for adopted kernels) and its ZeroMQ sockets.
 
-A `Kernel` lives from start (or adopt) to the process's exit; a restart makes a new one. Its
-`run()` task owns everything the incarnation needs, in one nursery:
+A `Kernel` lives from start (or adopt) to the process's exit; a restart makes a new one. It is
+built from a frozen `KernelParams` and reports through a `KernelEvents` (the session implements
+it; a test can pass a recorder): it imports nothing from the session layer. Its `run()` task
+owns everything the incarnation needs, in one nursery:
 
     run
-     ├─ stdout / stderr readers   process output lines -> session.on_output
-     ├─ process watch             exit code -> session.on_kernel_exit, then ends the incarnation
-     ├─ one pump per socket       shell, control, stdin, iopub -> session.on_kernel_message
-     └─ heartbeat                 REQ echo every 2 s -> session.on_heartbeat
+     ├─ stdout / stderr readers   process output lines -> events.on_output
+     ├─ process watch             exit code -> events.on_kernel_exit, then ends the incarnation
+     ├─ one pump per socket       shell, control, stdin, iopub -> events.on_kernel_message
+     └─ heartbeat                 REQ echo every 2 s -> events.on_heartbeat
 
 `run()` reports the kernel_info_reply content through `task_status.started()`, or raises
-`StartupFailure` when the kernel does not come up. When `run()` returns, the process and every
-process left in its group are gone, and its ports are released.
+`StartupFailure` when the kernel does not come up (startup.py). When `run()` returns, the
+process and every process left in its group are gone, and its ports are released.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import os
 import signal
 from contextlib import AsyncExitStack
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import attrs
 import trio
 import zmq
 
 from kallichore_trio import wire
-from kallichore_trio.errors import (
-    ExitedBeforeConnection,
-    HandshakeFailed,
-    KallichoreError,
-    ProcessAbnormalExit,
-    ProcessStartFailed,
-    SessionConnectionFailed,
-    SessionConnectionTimeout,
-    StartupFailure,
-)
+from kallichore_trio.errors import ProcessStartFailed, SessionConnectionFailed, StartupFailure
+from kallichore_trio.kernel import launch
+from kallichore_trio.kernel.connection import PortReservation, write_registration_file
+from kallichore_trio.kernel.launch import LaunchPlan
+from kallichore_trio.kernel.params import KernelParams
+from kallichore_trio.kernel.startup import Probe, StartupOutput, handshake, startup_failure
 from kallichore_trio.models import ConnectionInfo
-from kallichore_trio.session import launch
-from kallichore_trio.session.connection import (
-    PortReservation,
-    connection_info,
-    write_registration_file,
-)
 from kallichore_trio.timers import next_multiple
 from kallichore_trio.transport.zmq_trio import (
     Subscription,
@@ -55,13 +46,8 @@ from kallichore_trio.transport.zmq_trio import (
     round_trip,
 )
 
-if TYPE_CHECKING:
-    from kallichore_trio.session.session import KernelSession
-
 log = logging.getLogger(__name__)
 
-#: Output kept (per start) for the `output` of a startup error.
-STARTUP_OUTPUT_LIMIT = 1024 * 1024
 #: A line longer than this without a newline is passed on in pieces.
 MAX_LINE = 64 * 1024
 HEARTBEAT_PAYLOAD = b"kallichore-heartbeat"
@@ -80,43 +66,75 @@ def zmq_identity(session_id: str) -> bytes:
     return b"kc-" + hashlib.sha256(raw).hexdigest()[:32].encode()
 
 
-@attrs.define
-class LaunchPlan:
-    """What to spawn; None for an adopted kernel."""
+class KernelEvents(Protocol):
+    """What a `Kernel` reports, and the one thing it waits for. The session implements it.
 
-    command: list[str]
-    env: dict[str, str]
-    cwd: str
-    shell: str | None
-    #: The file named in argv: a connection file, or for JEP 66 a registration file that the
-    #: kernel writes nothing to and we write once the registration socket is bound.
-    connection_file: Path
-    handshake: bool = False
+    `on_kernel_message` and `on_traffic` are on the message path: they run for every message
+    (every batch) and must not block. A request `on_kernel_message` returns (the execution
+    queue's next one, now due) is sent to the kernel by the pump that delivered the message.
+    """
+
+    def on_kernel_message(
+        self, msg: wire.KernelMessage, channel: str
+    ) -> wire.ClientMessage | None: ...
+
+    def on_traffic(self) -> None:
+        """A batch of kernel messages arrived (busypoll.py)."""
+
+    async def wait_for_room(self) -> None:
+        """Backpressure on iopub: return once the client can take more."""
+
+    def on_output(self, stream: str, text: str) -> None:
+        """A line the kernel process printed on stdout or stderr."""
+
+    def on_kernel_exit(self, kernel: Kernel, code: int) -> None:
+        """The process exited (or an adopted kernel was let go)."""
+
+    def on_spawn_failed(self, reason: str) -> None: ...
+
+    def on_heartbeat(self, alive: bool) -> None: ...
+
+    def on_handshake(self, info: ConnectionInfo) -> None:
+        """JEP 66: the kernel reported the ports it bound."""
+
+
+class Lifecycle(enum.Enum):
+    """Where an incarnation is. `Kernel.exited` and `Kernel.finished` are the Events to wait
+    on; this says where it is."""
+
+    #: Spawned (or adopting), sockets opening, kernel_info not answered yet.
+    STARTING = "starting"
+    #: kernel_info answered; messages are relayed.
+    RUNNING = "running"
+    #: The process exited (or an adopted kernel was let go) after it ran.
+    EXITED = "exited"
+    #: It ended without ever running: spawn failed, exited or timed out during startup.
+    FAILED = "failed"
 
 
 class Kernel:
     def __init__(
         self,
-        session: KernelSession,
+        events: KernelEvents,
+        params: KernelParams,
         *,
         info: ConnectionInfo | None,
         plan: LaunchPlan | None,
         ports: PortReservation | None,
-        startup_timeout: float,
         retry_on_port_conflict: bool = False,
     ) -> None:
-        self.session = session
+        self.events = events
+        self.params = params
         self.info = info
         self.plan = plan
         self.ports = ports
-        self.startup_timeout = startup_timeout
         self.process: trio.Process | None = None
         self.returncode: int | None = None
+        self.lifecycle = Lifecycle.STARTING
         self.exited = trio.Event()
         #: Set once the incarnation is over: process reaped, sockets closed, ports and files
         #: released (the next incarnation reuses the connection file's path).
         self.finished = trio.Event()
-        self.started = False
         #: The kernel could not bind a port we picked for it: another process took the port
         #: between our check and the kernel's bind (the port race; see connection.py).
         self.port_conflict = False
@@ -124,29 +142,41 @@ class Kernel:
         #: port conflict, so that this one's exit is not reported to clients.
         self.retry_on_port_conflict = retry_on_port_conflict
         self._address_in_use_printed = False
-        self._signer = session.signer
-        self._identity = zmq_identity(session.session_id)
+        self._signer = params.signer
+        self._identity = zmq_identity(params.session_id)
         self._sockets: dict[str, TrioSocket] = {}
         self._scope = trio.CancelScope()
-        self._output: list[str] = []
-        self._output_size = 0
+        self._output = StartupOutput()
         self._readers_done = trio.Event()
         self._open_readers = 0
-        # Startup probe state.
-        self._probe_ids: set[str] = set()
-        self._probe_reply: dict[str, Any] | None = None
-        self._probe_event = trio.Event()
-        self._iopub_seen = trio.Event()
+        self._probe = Probe()
+        # Read on the message path for every message: kept at hand (see Probe).
+        self._probe_ids = self._probe.ids
+        self._iopub_seen = self._probe.iopub_seen
 
     def __repr__(self) -> str:
-        state = "exited" if self.exited.is_set() else ("running" if self.started else "starting")
-        return f"<Kernel session={self.session.session_id!r} pid={self.pid} {state}>"
+        return (f"<Kernel session={self.params.session_id!r} pid={self.pid} "
+                f"{self.lifecycle.value}>")
 
     @property
     def pid(self) -> int | None:
         if self.process is None or self.returncode is not None:
             return None
         return self.process.pid
+
+    @property
+    def started(self) -> bool:
+        """kernel_info was answered (it may have exited since)."""
+        return self.lifecycle is Lifecycle.RUNNING or self.lifecycle is Lifecycle.EXITED
+
+    @property
+    def running(self) -> bool:
+        """Started and not exited: requests can be sent."""
+        return self.lifecycle is Lifecycle.RUNNING
+
+    def _mark_exited(self) -> None:
+        self.lifecycle = Lifecycle.EXITED if self.started else Lifecycle.FAILED
+        self.exited.set()
 
     # ---- the incarnation task ----------------------------------------------------------
 
@@ -162,7 +192,7 @@ class Kernel:
                             registration = await stack.enter_async_context(self._registration())
                             write_registration_file(
                                 self.plan.connection_file,
-                                self.session.key,
+                                self.params.key,
                                 int(registration.last_endpoint.rsplit(":", 1)[1]),
                             )
                         if self.plan is not None:
@@ -170,24 +200,29 @@ class Kernel:
                         if registration is not None:
                             # The socket stays open until the incarnation ends: closing it
                             # now could discard the reply before libzmq has sent it.
-                            self.info = await self._handshake(registration)
+                            self.info = await handshake(registration, self.params, self._output)
+                            self.events.on_handshake(self.info)
                         for channel in ("shell", "control", "stdin"):
                             sock = await stack.enter_async_context(self._open(channel))
                             self._sockets[channel] = sock
                             nursery.start_soon(self._pump, channel, sock, name=f"pump {channel}")
                         iopub = await stack.enter_async_context(self._open_iopub())
                         nursery.start_soon(self._pump_iopub, iopub, name="pump iopub")
-                        reply = await self._probe()
+                        reply = await self._probe.run(
+                            self._send_probe, timeout=self.params.startup_timeout,
+                            retry=self.params.timeouts.kernel_info_retry)
+                        if reply is None:
+                            raise self._startup_failure(exited=False)
                     except StartupFailure as exc:
                         failure = exc
                         nursery.cancel_scope.cancel()
                     except zmq.ZMQError as exc:
                         failure = StartupFailure(
-                            SessionConnectionFailed(str(exc)), output=self.startup_output()
+                            SessionConnectionFailed(str(exc)), output=self._output.clean()
                         )
                         nursery.cancel_scope.cancel()
                     else:
-                        self.started = True
+                        self.lifecycle = Lifecycle.RUNNING
                         nursery.start_soon(self._heartbeat, name="heartbeat")
                         task_status.started(reply)
                         await trio.sleep_forever()
@@ -204,7 +239,7 @@ class Kernel:
 
     def _registration(self) -> Any:
         return open_socket(
-            self.session.zmq_context, zmq.REP, bind="tcp://127.0.0.1:0", name="registration"
+            self.params.zmq_context, zmq.REP, bind="tcp://127.0.0.1:0", name="registration"
         )
 
     async def _spawn(self, nursery: trio.Nursery) -> None:
@@ -212,11 +247,11 @@ class Kernel:
         try:
             self.process = await launch.spawn(self.plan.command, self.plan.env, self.plan.cwd)
         except OSError as exc:
-            self.session.on_spawn_failed(f"failed to spawn process: {exc}")
+            self.events.on_spawn_failed(f"failed to spawn process: {exc}")
             raise StartupFailure(ProcessStartFailed(str(exc)), exit_code=exc.errno) from None
         log.info(
             "session %s: started kernel pid %d: %s",
-            self.session.session_id,
+            self.params.session_id,
             self.process.pid,
             launch.describe_command(self.plan.command),
         )
@@ -232,7 +267,7 @@ class Kernel:
 
     def _open(self, channel: str) -> Any:
         return open_socket(
-            self.session.zmq_context, zmq.DEALER, connect=self._url(channel),
+            self.params.zmq_context, zmq.DEALER, connect=self._url(channel),
             identity=self._identity, name=channel, sndhwm=0, tick=SOCKET_TICK,
         )
 
@@ -240,101 +275,23 @@ class Kernel:
         # Our own accounting bounds the backlog (the outbox); libzmq must not drop silently.
         # libzmq may hold up to IOPUB_RCVHWM messages while a slow client holds the pump back;
         # past that the kernel's PUB applies its own high-water mark.
-        return open_subscription(self.session.zmq_context, self._url("iopub"),
+        return open_subscription(self.params.zmq_context, self._url("iopub"),
                                  rcvhwm=IOPUB_RCVHWM, name="iopub", tick=SOCKET_TICK)
 
     # ---- startup -----------------------------------------------------------------------
 
-    async def _handshake(self, registration: TrioSocket) -> ConnectionInfo:
-        """JEP 66: wait for the kernel to report the ports it bound (Kallichore/Ark flavour)."""
-        with trio.move_on_after(self.startup_timeout):
-            frames = await registration.receive()
-            try:
-                request = wire.parse_kernel_frames(frames, self._signer)
-                if request.msg_type != "handshake_request":
-                    raise wire.WireError(f"expected handshake_request, got {request.msg_type}")
-                content = request.content_json()
-                ports = {
-                    name: int(content[name])
-                    for name in ("control_port", "shell_port", "stdin_port", "hb_port",
-                                 "iopub_port")
-                }
-            except (wire.WireError, KeyError, TypeError, ValueError) as exc:
-                await registration.send(
-                    [wire.dumps({"status": "error", "error": str(exc), "capabilities": {}})]
-                )
-                raise StartupFailure(
-                    HandshakeFailed(self.session.session_id, str(exc)),
-                    output=self.startup_output(),
-                ) from None
-            reply = wire.build_frames(
-                msg_id=wire.new_msg_id(),
-                msg_type="handshake_reply",
-                parent=(request.msg_id, request.msg_type),
-                metadata=b"null",
-                content=wire.dumps({"status": "ok", "capabilities": {}}),
-                buffers=(),
-                session=self.session.session_id,
-                username=self.session.model.username,
-                version=self.session.protocol_version,
-                date=wire.now_date(),
-                signer=self._signer,
-                identity=None,
-            )
-            await registration.send(reply)
-            info = connection_info(ports, self.session.key)
-            self.session.on_handshake(info)
-            return info
-        raise StartupFailure(
-            HandshakeFailed(self.session.session_id, "Timeout waiting for handshake"),
-            output=self.startup_output(),
-        )
-
-    async def _probe(self) -> dict[str, Any]:
-        """Ask for kernel_info until it is answered *and* iopub delivers (the slow joiner)."""
-        retry = self.session.config.timeouts.kernel_info_retry
-        with trio.move_on_after(self.startup_timeout):
-            await self._send_probe()
-            await self._probe_event.wait()
-            while not self._iopub_seen.is_set():
-                with trio.move_on_after(retry):
-                    await self._iopub_seen.wait()
-                if not self._iopub_seen.is_set():
-                    await self._send_probe()
-            assert self._probe_reply is not None
-            return self._probe_reply
-        raise self._startup_failure(exited=False)
-
-    async def _send_probe(self) -> None:
-        msg_id = wire.new_msg_id()
-        self._probe_ids.add(msg_id)
+    async def _send_probe(self, msg_id: str) -> None:
         await self.send_request("shell", "kernel_info_request", {}, msg_id=msg_id)
 
     def startup_output(self) -> str:
-        return launch.clean_startup_output("".join(self._output))
+        return self._output.clean()
 
     def _startup_failure(self, *, exited: bool) -> StartupFailure:
-        raw = "".join(self._output)
-        shell = self.plan.shell if self.plan is not None else None
-        details = launch.startup_context(self.session.model, raw, shell, exited=exited)
-        error: KallichoreError
-        if self.port_conflict:
-            error = SessionConnectionFailed(
-                "the kernel could not bind the ports it was given (address already in use)",
-                details=details,
-            )
-            exit_code = None if self.returncode is None else launch.exit_code_of(self.returncode)
-            return StartupFailure(error, exit_code=exit_code, output=self.startup_output())
-        if exited and self.returncode is not None:
-            if self.plan is not None and self.plan.handshake and self.info is None:
-                error = ExitedBeforeConnection(details=details)
-            else:
-                error = ProcessAbnormalExit(launch.describe_exit(self.returncode), details=details)
-            return StartupFailure(
-                error, exit_code=launch.exit_code_of(self.returncode), output=self.startup_output()
-            )
-        error = SessionConnectionTimeout(self.startup_timeout, details=details)
-        return StartupFailure(error, exit_code=130, output=self.startup_output())
+        return startup_failure(
+            params=self.params, plan=self.plan, output=self._output,
+            returncode=self.returncode, port_conflict=self.port_conflict,
+            connected=self.info is not None, exited=exited,
+        )
 
     # ---- tasks ---------------------------------------------------------------------------
 
@@ -359,12 +316,10 @@ class Kernel:
     def _on_line(self, stream: str, raw: bytes) -> None:
         text = raw.decode("utf-8", errors="replace")
         if not self.started:
-            if self._output_size < STARTUP_OUTPUT_LIMIT:
-                self._output.append(text)
-                self._output_size += len(text)
+            self._output.add(text)
             if self.ports is not None and ADDRESS_IN_USE in text:
                 self._on_address_in_use(text, self.ports)
-        self.session.on_output(stream, text)
+        self.events.on_output(stream, text)
 
     def _on_address_in_use(self, text: str, ports: PortReservation) -> None:
         """A kernel that failed to bind one of our ports will never answer: give up on it now.
@@ -377,7 +332,7 @@ class Kernel:
         if any(f":{port}" in text for port in ports.ports.values()):
             self.port_conflict = True
             log.warning("session %s: the kernel could not bind a port it was given: %s",
-                        self.session.session_id, text.strip()[-200:])
+                        self.params.session_id, text.strip()[-200:])
             self._scope.cancel()
 
     async def _watch_process(self) -> None:
@@ -390,12 +345,12 @@ class Kernel:
             self.port_conflict = True
         log.info(
             "session %s: kernel pid %d exited (%s)",
-            self.session.session_id,
+            self.params.session_id,
             self.process.pid,
             launch.describe_exit(self.returncode),
         )
-        self.exited.set()
-        self.session.on_kernel_exit(self, launch.exit_code_of(self.returncode))
+        self._mark_exited()
+        self.events.on_kernel_exit(self, launch.exit_code_of(self.returncode))
         self._scope.cancel()
 
     async def _pump(self, channel: str, sock: TrioSocket) -> None:
@@ -411,7 +366,7 @@ class Kernel:
             await self._relay(channel, batch)
 
     async def _pump_iopub(self, iopub: Subscription) -> None:
-        session = self.session
+        events = self.events
         while True:
             try:
                 batch = await iopub.receive_batch()
@@ -420,10 +375,10 @@ class Kernel:
             await self._relay("iopub", batch)
             # A client that reads slower than the kernel writes holds the pump back (and so
             # the kernel, through ZeroMQ) instead of losing output.
-            await session.wait_for_room()
+            await events.wait_for_room()
 
     async def _relay(self, channel: str, batch: list[list[bytes]]) -> None:
-        self.session.on_traffic()
+        self.events.on_traffic()
         for frames in batch:
             due = self._on_frames(channel, frames)
             if due is not None:
@@ -434,43 +389,34 @@ class Kernel:
             msg = wire.parse_kernel_frames(frames, self._signer)
         except wire.WireError as exc:
             log.warning("session %s: dropped a %s message: %s",
-                        self.session.session_id, channel, exc)
+                        self.params.session_id, channel, exc)
             return None
         if self._probe_ids and msg.parent_msg_id in self._probe_ids:
-            self._on_probe_traffic(channel, msg)
+            self._probe.on_traffic(channel, msg)
             return None
         if channel == "iopub":
             self._iopub_seen.set()
         elif channel == "stdin":
             # Rare (a prompt for input), and a cell waiting on a prompt nobody saw is hard to
             # diagnose: this tells "never reached us" from "lost after us".
-            log.debug("session %s: stdin %s (parent %s) via %r", self.session.session_id,
+            log.debug("session %s: stdin %s (parent %s) via %r", self.params.session_id,
                       msg.msg_type, msg.parent_msg_id, msg.identities)
-        return self.session.on_kernel_message(msg, channel)
-
-    def _on_probe_traffic(self, channel: str, msg: wire.KernelMessage) -> None:
-        """Our own kernel_info exchange is not relayed (nor are its busy/idle statuses)."""
-        if channel == "iopub":
-            self._iopub_seen.set()
-        elif msg.msg_type == "kernel_info_reply" and self._probe_reply is None:
-            content = msg.content_json()
-            self._probe_reply = content if isinstance(content, dict) else {}
-            self._probe_event.set()
+        return self.events.on_kernel_message(msg, channel)
 
     async def _heartbeat(self) -> None:
         assert self.info is not None
-        timeouts = self.session.config.timeouts
+        timeouts = self.params.timeouts
         url = f"{self.info.transport}://{self.info.ip}:{self.info.hb_port}"
         while True:
             # A REQ socket that missed its reply cannot send again: use a fresh one each time.
-            hb = self.session.zmq_context.socket(zmq.REQ)
+            hb = self.params.zmq_context.socket(zmq.REQ)
             try:
                 hb.linger = 0
                 hb.connect(url)
                 alive = True
                 while alive:
                     alive = await round_trip(hb, [HEARTBEAT_PAYLOAD], timeouts.heartbeat_reply)
-                    self.session.on_heartbeat(alive)
+                    self.events.on_heartbeat(alive)
                     if alive:
                         await trio.sleep_until(next_multiple(timeouts.heartbeat_period))
             finally:
@@ -512,19 +458,15 @@ class Kernel:
         if sock is None:
             raise trio.ClosedResourceError(f"no {channel} socket")
         frames = wire.build_frames(
-            session=self.session.session_id,
-            username=self.session.model.username,
-            version=self.session.protocol_version,
+            session=self.params.session_id,
+            username=self.params.username,
+            version=self.params.protocol_version,
             date=wire.now_date(),
             signer=self._signer,
             identity=self._identity if channel in ("shell", "stdin") else None,
             **fields,
         )
         await sock.send(frames)
-
-    @property
-    def connected(self) -> bool:
-        return self.started and not self.exited.is_set()
 
     @property
     def retrying(self) -> bool:
@@ -536,13 +478,12 @@ class Kernel:
         return pid is not None and launch.signal_group(pid, sig)
 
     async def stop(self, *, restart: bool, grace: float) -> None:
-        """Ask the kernel to shut down, then insist: SIGTERM, then SIGKILL, each bounded."""
-        timeouts = self.session.config.timeouts
-        if self.connected:
+        """Ask the kernel to shut down, then insist: SIGTERM, then SIGKILL, each bounded. (The
+        session clears its execution queue before it calls this: session.Session._stop_kernel.)"""
+        timeouts = self.params.timeouts
+        if self.running:
             try:
-                await self.session.send_own_request(
-                    self, "control", "shutdown_request", {"restart": restart}
-                )
+                await self.send_request("control", "shutdown_request", {"restart": restart})
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
         if self.process is None:
@@ -558,7 +499,7 @@ class Kernel:
             if self.exited.is_set():
                 return
             log.warning("session %s: kernel did not exit; sending %s",
-                        self.session.session_id, sig.name)
+                        self.params.session_id, sig.name)
             self.signal(sig)
             with trio.move_on_after(wait):
                 await self.exited.wait()
@@ -575,18 +516,18 @@ class Kernel:
             returncode = self.process.returncode
             if returncode is None:
                 launch.signal_group(pid, signal.SIGKILL)
-                with trio.move_on_after(self.session.config.timeouts.kill):
+                with trio.move_on_after(self.params.timeouts.kill):
                     self.returncode = await self.process.wait()
             elif self.returncode is None:
                 self.returncode = returncode
             # Children the kernel started may outlive it in its group; end them too.
             launch.signal_group(pid, signal.SIGKILL)
             if not self.exited.is_set() and self.returncode is not None:
-                self.exited.set()
-                self.session.on_kernel_exit(self, launch.exit_code_of(self.returncode))
+                self._mark_exited()
+                self.events.on_kernel_exit(self, launch.exit_code_of(self.returncode))
         elif not self.exited.is_set():
-            self.exited.set()
-            self.session.on_kernel_exit(self, 0)
+            self._mark_exited()
+            self.events.on_kernel_exit(self, 0)
         if self.ports is not None:
             self.ports.release()
         if self.plan is not None:
