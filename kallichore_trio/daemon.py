@@ -33,6 +33,7 @@ from kallichore_trio.api import create_app, hypercorn_ext
 from kallichore_trio.busypoll import BusyPoll
 from kallichore_trio.config import Config
 from kallichore_trio.errors import ConfigurationError
+from kallichore_trio.mcp.service import McpService
 from kallichore_trio.memory import load_malloc_trim, trim_after_bursts
 from kallichore_trio.models import ServerConfiguration
 from kallichore_trio.registry import SessionRegistry
@@ -53,6 +54,9 @@ class ServerAddress:
 
 class Daemon:
     """What the routes can ask of the daemon besides sessions: shutdown, heartbeats, config."""
+
+    #: The MCP subsystem (docs/mcp.md), set by run_daemon.
+    mcp: McpService
 
     def __init__(self, config: Config, registry: SessionRegistry) -> None:
         self.config = config
@@ -267,6 +271,8 @@ async def run_daemon(
                                            on_traffic=busy_poll.touch)
                 daemon = Daemon(config, registry)
                 registry.on_activity = daemon.nudge
+                daemon.mcp = McpService(config, registry, root, on_activity=daemon.nudge)
+                registry.extra_env = daemon.mcp.kernel_env
                 app = create_app(daemon)
                 await root.start(
                     partial(hypercorn.trio.serve, app, _hypercorn_config(sock),
@@ -281,6 +287,7 @@ async def run_daemon(
                     await registry.shutdown_all()  # ends their socket listeners too
                     sessions_nursery.cancel_scope.cancel()
             watchers.cancel()
+            daemon.mcp.stop()
             # Let the HTTP response to POST /shutdown go out, then stop serving.
             await trio.sleep(0.05)
             stop_http.set()

@@ -38,6 +38,8 @@ class SessionRegistry:
         self.on_activity = on_activity
         self.on_traffic = on_traffic  # a message relayed, either way (busypoll.py)
         self.sessions: dict[str, KernelSession] = {}
+        #: Extra kernel environment for a session (MCP's kernel_env), given to each session.
+        self.extra_env: Callable[[KernelSession], dict[str, str]] = lambda _: {}
         self.started_at = trio.current_time()
         self.started_wall = dt.datetime.now(dt.UTC)
 
@@ -56,6 +58,7 @@ class SessionRegistry:
             on_activity=self.on_activity,
             on_traffic=self.on_traffic,
         )
+        session.extra_env = self.extra_env
         self.sessions[model.session_id] = session
         await self._nursery.start(session.run)
         log.info("session %s: created (%s, argv %s)", model.session_id, model.display_name,

@@ -167,6 +167,8 @@ class KernelSession:
         self._linger: trio.CancelScope | None = None  # the writer holding output back
         self._high_water = max(1, config.outbox.max_frames // 2)
         self._nursery: trio.Nursery | None = None
+        #: Variables added to every kernel's environment (the registry's; MCP sets it).
+        self.extra_env: Callable[[KernelSession], dict[str, str]] = lambda _: {}
 
     def __repr__(self) -> str:
         pid = self.kernel.pid if self.kernel else None
@@ -444,6 +446,7 @@ class KernelSession:
             raise ProcessStartFailed(f"could not prepare the connection file: {exc}") from None
         argv = launch.substitute_connection_file(self.model.argv, path)
         env = launch.resolve_env(os.environ, self.env_actions)
+        env.update(self.extra_env(self))  # MCP: POSITRON_MCP_URL/TOKEN (docs/mcp.md)
         self.initial_env = env
         command = launch.build_command(self.model, argv, cwd)
         shell = command[0] if command[:1] != argv[:1] else None
