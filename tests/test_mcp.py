@@ -394,11 +394,18 @@ async def test_a_kernels_own_view_serves_its_session(daemon: RunningDaemon) -> N
     ws = await register(daemon)
     session_id = await started_session(daemon, ws["workspace_id"])
     elsewhere = await daemon.create(workspace_id=ws["workspace_id"])
-    async with mcp_session(f"{ws['url']}/s/{session_id}", ws["token"]) as kernel_agent:
+    async with mcp_session(f"{ws['url']}/s/{session_id}", ws["token"]) as kernel_agent, \
+            open_channel(daemon, session_id) as console:
         result = await call(kernel_agent, "execute_code", code="print('mine')")
         assert text_of(result) == "mine\n"
         result = await call(kernel_agent, "execute_code", session_id=elsewhere, code="1")
         assert result.isError and session_id in text_of(result)
+
+        assert (await daemon.client.post(f"/sessions/{session_id}/kill")).status_code == 200
+        await console.wait_for(lambda f: kernel_event(f, "exited") is not None)
+        for tool, args in (("execute_code", {"code": "1"}), ("interrupt_session", {})):
+            result = await call(kernel_agent, tool, **args)
+            assert result.isError and "has exited" in text_of(result)
 
 
 async def test_the_window_channel_on_the_unix_socket_transport(tmp_path: Path) -> None:

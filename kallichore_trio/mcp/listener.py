@@ -42,6 +42,19 @@ LOOPBACK = "127.0.0.1"
 SESSION_IDLE_TIMEOUT = 30 * 60.0
 
 
+class _QuietStreamEnd(logging.Filter):
+    """The SDK logs, with a traceback at ERROR, the normal end of an agent's GET event stream
+    (its session was closed: ClosedResourceError); that is no error of ours or the agent's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage() == "Error in standalone SSE writer"
+                    and type(exc).__name__ == "ClosedResourceError")
+
+
+logging.getLogger("mcp.server.streamable_http").addFilter(_QuietStreamEnd())
+
+
 class ListenerFailed(Exception):
     """The listener could not bind its port."""
 
