@@ -16,13 +16,16 @@ import attrs
 import httpx
 import pytest
 import trio
-from httpx_ws import aconnect_ws
+import zmq
+from httpx_ws import WebSocketUpgradeError, aconnect_ws
 from mcp import ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
 
 from kallichore_trio.config import Timeouts
 from kallichore_trio.daemon import run_daemon
-from tests.conftest import TOKEN, RunningDaemon, _daemon, daemon_config, new_session_body
+from kallichore_trio.mcp.service import McpService
+from kallichore_trio.registry import SessionRegistry
+from tests.conftest import TOKEN, RunningDaemon, _daemon, daemon_config
 from tests.lifecycle_helpers import Channel, kernel_event, open_channel, stream_text
 from tests.raw_ws import RawWebSocket
 
@@ -123,6 +126,10 @@ async def test_registration_status_and_the_kernel_environment(daemon: RunningDae
     with pytest.raises(httpx.ConnectError):  # the listener has stopped
         async with httpx.AsyncClient() as client:
             await client.get(f"{first['url']}/server-card")
+    # Registered again (a window reload after the last one closed): the port it kept.
+    back = await register(daemon, workspace_id=first["workspace_id"], token=first["token"],
+                          preferred_port=first["port"])
+    assert back == first
 
 
 async def test_a_taken_preferred_port_gives_another(daemon: RunningDaemon) -> None:
@@ -297,6 +304,10 @@ async def test_positron_commands_go_to_the_last_focused_window(daemon: RunningDa
     plain = await daemon.client.get(f"/mcp/workspaces/{wid}/channel")
     assert (plain.status_code, plain.json()["code"]) == (400, "upgrade_required")
     assert (await daemon.client.get("/mcp/workspaces/nope/channel")).status_code == 404
+    with pytest.raises(WebSocketUpgradeError) as refused:
+        async with aconnect_ws(f"{daemon.ws_base}/mcp/workspaces/nope/channel", daemon.client):
+            pass
+    assert refused.value.response.status_code == 404
 
     async with mcp_session(ws["url"], ws["token"]) as agent:
         result = await call(agent, "run_positron_command", command_id="x.y")
@@ -454,4 +465,21 @@ async def test_sessions_a_window_shows_are_the_workspaces_too(daemon: RunningDae
         assert [(s["session_id"], s["foreground"]) for s in listing] == [(mine, True)]
 
 
-__all__ = ["new_session_body"]
+async def test_tool_calls_count_as_activity(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The service tells the daemon (its `nudge`, for idle shutdown) of every request."""
+    config = daemon_config(tmp_path)
+    context: zmq.Context[Any] = zmq.Context()
+    registry = SessionRegistry(config, nursery, context, tmp_path)
+    nudges: list[float] = []
+    service = McpService(config, registry, nursery,
+                         on_activity=lambda: nudges.append(trio.current_time()))
+    try:
+        ws = await service.register(workspace_id=None, display_name="Idle", preferred_port=None,
+                                    token=None)
+        async with mcp_session(ws["url"], ws["token"]) as agent:
+            before = len(nudges)
+            await call(agent, "list_sessions")
+            assert len(nudges) > before
+    finally:
+        service.stop()
+        context.term()

@@ -98,10 +98,11 @@ class ToolCalls:
     async def _tool_list_sessions(self, ctx: CallContext,
                                   args: dict[str, Any]) -> tuple[list[Any], bool]:
         foreground = {w.foreground_session_id for w in self.broker.windows(ctx.workspace_id)}
-        sessions = self.workspace_sessions(ctx.workspace_id)
-        if ctx.view_session_id is not None:
-            sessions = [s for s in sessions if s.session_id == ctx.view_session_id] or [
-                s for s in [self.registry.sessions.get(ctx.view_session_id)] if s is not None]
+        if ctx.view_session_id is None:
+            sessions = self.workspace_sessions(ctx.workspace_id)
+        else:  # a kernel's own view: its session only
+            own = self.registry.sessions.get(ctx.view_session_id)
+            sessions = [own] if own is not None else []
         listing = [{
             "session_id": s.session_id,
             "display_name": s.model.display_name,

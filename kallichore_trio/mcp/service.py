@@ -72,6 +72,8 @@ class McpService:
                                    reply_timeout=config.timeouts.mcp_command_reply)
         self.calls = ToolCalls(registry, self.broker)
         self.listener: McpListener | None = None
+        #: The listener being stopped, until its port is free again.
+        self._stopping: McpListener | None = None
         self.request_count = 0
         self._clients: dict[str, SeenClient] = {}  # by MCP session id
         self._client_ids = itertools.count(1)
@@ -117,6 +119,13 @@ class McpService:
         return self.listener.gate.url_of(Route(workspace_id))
 
     async def _start_listener(self, preferred_port: int | None) -> McpListener:
+        stopping = self._stopping
+        if stopping is not None:
+            # Re-registered just after the last deregistration: let the old listener free
+            # its port, so that the preferred port (the one Positron kept) can be had again.
+            with trio.move_on_after(2.0):
+                await stopping.stopped.wait()
+            self._stopping = None
         try:
             sock = bind_loopback(preferred_port)
         except ListenerFailed as exc:
@@ -132,6 +141,7 @@ class McpService:
         """Stop the listener (the last workspace went, or the daemon is stopping)."""
         if self.listener is not None:
             self.listener.stop()
+            self._stopping = self.listener
             self.listener = None
         self._clients.clear()
 
