@@ -59,8 +59,17 @@ async def test_the_relay_runs_code_through_the_daemon(daemon: RunningDaemon,
         [client] = status["workspaces"][0]["clients"]
         assert (client["name"], client["working_directory"]) == ("test-agent", str(tmp_path))
         assert isinstance(client["pid"], int)
+
+        # The listener restarts (the last workspace went and came back): the relay's MCP
+        # session is gone with it, and the relay opens a new one rather than failing.
+        assert (await daemon.client.delete(f"/mcp/workspaces/{ws['workspace_id']}")
+                ).status_code == 200
+        assert await register(daemon, workspace_id=ws["workspace_id"], token=ws["token"],
+                              preferred_port=ws["port"]) == ws
+        result = await call(agent, "execute_code", session_id=session_id, code="print(7*6)")
+        assert (result.isError, text_of(result)) == (False, "42\n")
     history = (await daemon.client.get(f"/sessions/{session_id}/history")).json()
-    assert history[-2]["agent"] == "test-agent"
+    assert [h["agent"] for h in history[-3:]] == ["test-agent"] * 3
 
 
 async def test_the_relay_finds_the_workspace_of_its_folder(daemon: RunningDaemon,

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 import httpx
 import trio
-from mcp import ClientSession, types
+from mcp import ClientSession, McpError, types
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
@@ -163,6 +163,18 @@ class Upstream:
             self.session = None
 
 
+#: Tools that may be called again after a connection failed mid-call: running code or a
+#: Positron command twice is not harmless, so those are repeated only when the daemon
+#: certainly did not process the call.
+SAFE_TO_REPEAT = frozenset({"list_sessions", "list_positron_commands", "interrupt_session"})
+
+
+def _not_processed(exc: BaseException) -> bool:
+    """The daemon answered 404 for our MCP session (it restarted, or the listener did): the
+    call was refused before anything ran. The SDK reports that as error 32600."""
+    return isinstance(exc, McpError) and exc.error.code == 32600
+
+
 def _describe(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
@@ -185,12 +197,21 @@ def build_relay(upstream: Upstream) -> Server[Any, Any]:
         for attempt in (1, 2):
             try:
                 session = await upstream.get(client_info())
+            except Exception as exc:  # refused, timed out, not an MCP server, no target
+                return upstream.offline(_describe(exc))
+            try:
                 with trio.fail_after(MAX_TIMEOUT_S + CALL_MARGIN):
                     return await session.call_tool(name, arguments)
-            except Exception as exc:  # connection refused, reset, timed out, protocol
+            except Exception as exc:  # the connection broke, or the daemon forgot us
                 upstream.drop()
-                if attempt == 2 or isinstance(exc, trio.TooSlowError):
+                if attempt == 1 and (name in SAFE_TO_REPEAT or _not_processed(exc)):
+                    continue  # once more, on a fresh connection
+                if name in SAFE_TO_REPEAT:
                     return upstream.offline(_describe(exc))
+                return error_result(
+                    f"The connection to the Kallichore MCP server broke during the call "
+                    f"({_describe(exc)}), so {name} may or may not have run. Check (with "
+                    "list_sessions, or in the console) before calling it again.")
         raise AssertionError("unreachable")
 
     return server
