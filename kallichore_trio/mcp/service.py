@@ -138,7 +138,10 @@ class McpService:
         return listener
 
     def stop(self) -> None:
-        """Stop the listener (the last workspace went, or the daemon is stopping)."""
+        """Stop the listener (the last workspace went, or the daemon is stopping: then the
+        windows still attached are let go too, and commands waiting on them fail)."""
+        for workspace_id in list(self.book.workspaces):
+            self.broker.drop_workspace(workspace_id)
         if self.listener is not None:
             self.listener.stop()
             self._stopping = self.listener
