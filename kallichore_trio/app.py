@@ -34,6 +34,7 @@ from kallichore_trio.api import create_app
 from kallichore_trio.busypoll import BusyPoll
 from kallichore_trio.config import Config
 from kallichore_trio.daemon import Daemon, IdleClock, run_watchers
+from kallichore_trio.mcp.service import McpService
 from kallichore_trio.registry import SessionRegistry
 from kallichore_trio.transport import hypercorn_ext
 from kallichore_trio.transport.unix import bind_unix, main_socket_path
@@ -103,10 +104,15 @@ async def run_daemon(
                 if busy_poll is None:
                     busy_poll = BusyPoll(config.busy_poll)
                 idle_clock = IdleClock()
-                registry = SessionRegistry(config, sessions_nursery, zmq_context, runtime_dir,
-                                           on_activity=idle_clock.on_activity,
-                                           on_traffic=busy_poll.on_traffic)
-                daemon = Daemon(config, registry, idle_clock)
+                mcp: McpService | None = None
+                registry = SessionRegistry(
+                    config, sessions_nursery, zmq_context, runtime_dir,
+                    on_activity=idle_clock.on_activity, on_traffic=busy_poll.on_traffic,
+                    # The MCP service needs the registry, and the registry's kernels its
+                    # environment (POSITRON_MCP_URL/TOKEN): resolved when a kernel starts.
+                    extra_env=lambda session: mcp.kernel_env(session) if mcp else {})
+                mcp = McpService(config, registry, root, on_activity=idle_clock.on_activity)
+                daemon = Daemon(config, registry, idle_clock, mcp=mcp)
                 app = create_app(daemon)
                 await root.start(
                     partial(hypercorn.trio.serve, app, _hypercorn_config(sock),
@@ -121,6 +127,7 @@ async def run_daemon(
                     await registry.shutdown_all()  # ends their socket listeners too
                     sessions_nursery.cancel_scope.cancel()
             watchers.cancel()
+            mcp.stop()
             # Let the HTTP response to POST /shutdown go out, then stop serving.
             await trio.sleep(0.05)
             stop_http.set()

@@ -386,6 +386,10 @@ def _load_daemon() -> RunDaemon:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["mcp-stdio"]:  # the MCP stdio relay (docs/mcp.md)
+        from kallichore_trio.mcp.stdio import main as mcp_stdio
+        return mcp_stdio(args[1:])
     ns = build_parser().parse_args(argv)
     warnings: list[str] = []
     try:

@@ -64,6 +64,10 @@ class Timeouts:
     execute_default: float = 3600.0
     #: POST /execute after its timeout: how long the interrupted request may take to end.
     execute_interrupted: float = 5.0
+    #: MCP run_positron_command: how long to wait for a Positron window to attach.
+    mcp_window_wait: float = 15.0
+    #: MCP run_positron_command: how long the window has to answer.
+    mcp_command_reply: float = 45.0
 
 
 @attrs.frozen(kw_only=True)

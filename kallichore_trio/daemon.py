@@ -22,6 +22,7 @@ from kallichore_trio.busypoll import BusyPoll
 from kallichore_trio.config import Config
 from kallichore_trio.errors import ConfigurationError
 from kallichore_trio.kernel.resources import ProcessTreeSampler
+from kallichore_trio.mcp.service import McpService
 from kallichore_trio.memory import load_malloc_trim, trim_after_bursts
 from kallichore_trio.models import ServerConfiguration
 from kallichore_trio.registry import SessionRegistry
@@ -53,8 +54,11 @@ class Daemon:
     """What the routes can ask of the daemon besides sessions: shutdown, heartbeats, config."""
 
     def __init__(
-        self, config: Config, registry: SessionRegistry, idle_clock: IdleClock | None = None
+        self, config: Config, registry: SessionRegistry, idle_clock: IdleClock | None = None,
+        *, mcp: McpService,
     ) -> None:
+        #: The MCP subsystem (docs/mcp.md).
+        self.mcp = mcp
         self.config = config
         self.registry = registry
         self.idle_clock = idle_clock if idle_clock is not None else IdleClock()

@@ -30,6 +30,7 @@ class SessionRegistry:
         runtime_dir: Path,
         on_activity: Callable[[], None] = lambda: None,
         on_traffic: Callable[[], None] = lambda: None,
+        extra_env: Callable[[Session], dict[str, str]] = lambda _: {},
     ) -> None:
         self.config = config
         self._nursery = nursery
@@ -38,6 +39,8 @@ class SessionRegistry:
         self.on_activity = on_activity
         self.on_traffic = on_traffic  # a message relayed, either way (busypoll.py)
         self.sessions: dict[str, Session] = {}
+        #: Extra kernel environment for a session (MCP's kernel_env), given to each session.
+        self.extra_env = extra_env
         self.started_at = trio.current_time()
         self.started_wall = dt.datetime.now(dt.UTC)
 
@@ -55,6 +58,7 @@ class SessionRegistry:
             runtime_dir=self.runtime_dir,
             on_activity=self.on_activity,
             on_traffic=self.on_traffic,
+            extra_env=self.extra_env,
         )
         self.sessions[model.session_id] = session
         await self._nursery.start(session.run)

@@ -27,6 +27,8 @@ import psutil
 import trio
 import wsproto
 from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect, aconnect_ws
+from mcp import ClientSession, types
+from mcp.client.streamable_http import streamable_http_client
 from wsproto.events import AcceptConnection, Ping, Request, TextMessage
 
 from kallichore_trio import models
@@ -505,3 +507,40 @@ async def stop(server: Server, how: str) -> None:
             response = await client.post("/shutdown")
         assert response.status_code == 200
     assert await server.wait_exit() == 0, server.output()
+
+
+# ---- MCP (tests/integration/test_mcp*.py) ---------------------------------------------
+
+AGENT = types.Implementation(name="test-agent", version="9.9")
+
+async def register(daemon: RunningDaemon, **body: Any) -> dict[str, Any]:
+    response = await daemon.client.post("/mcp/workspaces",
+                                        json={"display_name": "Test Project", **body})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@asynccontextmanager
+async def mcp_session(url: str, token: str,
+                      agent: types.Implementation = AGENT) -> AsyncIterator[ClientSession]:
+    http = httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"},
+                             timeout=httpx.Timeout(30, read=120))
+    async with http, streamable_http_client(url, http_client=http) as (read, write, _):
+        async with ClientSession(read, write, client_info=agent) as session:
+            await session.initialize()
+            yield session
+
+
+async def started_session(daemon: RunningDaemon, workspace_id: str) -> str:
+    session_id = await daemon.create(workspace_id=workspace_id)
+    assert (await daemon.start(session_id)).status_code == 200
+    return session_id
+
+
+def text_of(result: types.CallToolResult) -> str:
+    return "".join(c.text for c in result.content if isinstance(c, types.TextContent))
+
+
+async def call(session: ClientSession, name: str, **arguments: Any) -> types.CallToolResult:
+    with trio.fail_after(90):
+        return await session.call_tool(name, arguments)

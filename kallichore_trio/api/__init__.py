@@ -14,7 +14,7 @@ from quart import Response, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from kallichore_trio.api import channels, server, sessions
+from kallichore_trio.api import channels, mcp, server, sessions
 from kallichore_trio.api.responses import empty, error_response, startup_error_response, text
 from kallichore_trio.errors import KallichoreError, StartupFailure
 from kallichore_trio.models import BodyError
@@ -34,6 +34,7 @@ def create_app(daemon: Daemon) -> QuartTrio:
     sessions.register(app, daemon)
     server.register(app, daemon)
     channels.register(app, daemon)
+    mcp.register(app, daemon)
     policy = policy_for(daemon.config, tcp=daemon.config.transport == "tcp")
 
     def refused(refusal: Refusal, what: str) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import attrs
 from quart import Quart, Response
 
 from kallichore_trio.api.responses import json_response, read_body, with_warning
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 def register(app: Quart, daemon: Daemon) -> None:
     @app.get("/status")
     async def server_status() -> Response:
-        return json_response(daemon.registry.status())
+        return json_response(attrs.evolve(daemon.registry.status(), mcp=daemon.mcp.status()))
 
     @app.post("/shutdown")
     async def shutdown_server() -> Response:

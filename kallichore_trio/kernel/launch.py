@@ -64,7 +64,8 @@ class Prepared:
 
 
 def prepare(model: NewSession, *, session_id: str, key: str, runtime_dir: Path, cwd: str,
-            env_actions: Sequence[VarAction], handshake: bool) -> Prepared:
+            env_actions: Sequence[VarAction], handshake: bool,
+            extra_env: Mapping[str, str] | None = None) -> Prepared:
     """Reserve ports and write the connection file (or pick the registration file's path for
     the handshake), and build the command and its environment. ProcessStartFailed if the file
     cannot be written."""
@@ -83,6 +84,7 @@ def prepare(model: NewSession, *, session_id: str, key: str, runtime_dir: Path, 
         raise ProcessStartFailed(f"could not prepare the connection file: {exc}") from None
     argv = substitute_connection_file(model.argv, path)
     env = resolve_env(os.environ, env_actions)
+    env.update(extra_env or {})  # the daemon's own additions (MCP: docs/mcp.md)
     command = build_command(model, argv, cwd)
     shell = command[0] if command[:1] != argv[:1] else None
     plan = LaunchPlan(command=command, env=env, cwd=cwd, shell=shell,

@@ -21,6 +21,7 @@ import math
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
@@ -198,7 +199,8 @@ def check_request(request: ExecuteRequest) -> None:
         raise BodyError(f"timeout_seconds must be a positive number of seconds, not {timeout}")
 
 
-def execute_message(request: ExecuteRequest) -> wire.ClientMessage:
+def execute_message(request: ExecuteRequest,
+                    metadata: dict[str, Any] | None = None) -> wire.ClientMessage:
     return wire.ClientMessage(
         msg_id=uuid.uuid4().hex,
         msg_type="execute_request",
@@ -213,13 +215,17 @@ def execute_message(request: ExecuteRequest) -> wire.ClientMessage:
             "allow_stdin": False,
             "stop_on_error": request.stop_on_error,
         },
-        metadata={},
+        metadata=dict(metadata or {}),
     )
 
 
-async def execute(session: ExecutionHost, request: ExecuteRequest) -> dict[str, Any]:
+async def execute(session: ExecutionHost, request: ExecuteRequest, *,
+                  metadata: dict[str, Any] | None = None,
+                  announce: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run `request` through the session's one message path and answer its result once the
-    execute_reply and the idle status have come (the `executeResponse` body)."""
+    execute_reply and the idle status have come (the `executeResponse` body). `metadata` goes
+    on the request (an agent's `attribution`, recorded in the history); `announce` is called
+    with the msg_id just before the request is queued (MCP's executionRequested)."""
     check_request(request)
     timeouts = session.config.timeouts
     executions = session.executions
@@ -231,10 +237,13 @@ async def execute(session: ExecutionHost, request: ExecuteRequest) -> dict[str, 
         raise ExecuteFailed("session_not_ready",
                             f"Session {session.session_id} has no running kernel "
                             f"(status {session.status})")
-    msg = execute_message(request)
-    collector = ExecutionCollector(request.code, window=REPLY_WINDOW)
+    msg = execute_message(request, metadata)
+    source, agent = attribution(msg.metadata)
+    collector = ExecutionCollector(request.code, source=source, agent=agent, window=REPLY_WINDOW)
     followed = Followed(collector, record=not request.silent, finished=trio.Event())
     executions.follow(msg.msg_id, followed)
+    if announce is not None:
+        announce(msg.msg_id)
     try:
         await session.deliver(msg)
     except (trio.ClosedResourceError, trio.BrokenResourceError, zmq.ZMQError) as exc:

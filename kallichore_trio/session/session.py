@@ -98,6 +98,7 @@ class Session:
         runtime_dir: Path,
         on_activity: Callable[[], None] = lambda: None,
         on_traffic: Callable[[], None] = lambda: None,
+        extra_env: Callable[[Session], dict[str, str]] = lambda _: {},
     ) -> None:
         self.model = model
         self.session_id = model.session_id
@@ -146,6 +147,8 @@ class Session:
             startup_environment=model.startup_environment,
             startup_environment_arg=model.startup_environment_arg,
         )
+        #: Variables added to every kernel's environment (MCP's POSITRON_MCP_URL/TOKEN).
+        self.extra_env = extra_env
 
     def __repr__(self) -> str:
         pid = self.kernel.pid if self.kernel else None
@@ -376,7 +379,8 @@ class Session:
             self.emit(wire.working_dir_changed_event(cwd))
         prepared = launch.prepare(
             self.model, session_id=self.session_id, key=self.key, runtime_dir=self.runtime_dir,
-            cwd=cwd, env_actions=self.env_actions, handshake=uses_handshake(self.protocol_version))
+            cwd=cwd, env_actions=self.env_actions, handshake=uses_handshake(self.protocol_version),
+            extra_env=self.extra_env(self))
         if prepared.info is not None:
             self.connection = prepared.info
         self.initial_env = prepared.plan.env

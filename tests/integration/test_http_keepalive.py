@@ -10,6 +10,10 @@ leaves mid-body. The daemon runs in the test's own Trio loop, so
 `trio.testing.wait_all_tasks_blocked()` means "the daemon has processed everything sent so far",
 which makes "slowly" deterministic without sleeps, and lets a test send a body only once the
 daemon is completely done with the answer it already sent (`settle`), the order that hung.
+
+The report's sequence was `GET /api`, `POST /mcp/workspaces`, `PUT /sessions`, on a daemon
+without the MCP routes; `/mcp/workspaces` is a route now, so the tests send the POST to
+`/mcp/frontends` (0.1.68's shape, which we do not serve) to keep its 404.
 """
 
 from __future__ import annotations
@@ -171,7 +175,7 @@ async def test_request_after_a_body_the_404_left_unread(daemon: RunningDaemon) -
         with trio.fail_after(DEADLINE):
             assert (await client.request("GET", "/api")).status == 404
             body = b'{"workspace": "x"}'
-            await client.send_head("POST", "/mcp/workspaces", length=len(body))
+            await client.send_head("POST", "/mcp/frontends", length=len(body))
             assert (await client.read_response()).status == 404
             await settle()
             await client.send_body(body)
@@ -203,7 +207,7 @@ async def test_reported_sequence_async_client_one_connection(daemon: RunningDaem
             with trio.fail_after(DEADLINE):
                 responses = [
                     await client.get("/api"),
-                    await client.post("/mcp/workspaces", content=content, headers={
+                    await client.post("/mcp/frontends", content=content, headers={
                         "content-type": "application/json",
                         "content-length": str(len(payload))}),
                     await client.put("/sessions", json=new_session_body(f"async-{round_}")),
@@ -226,7 +230,7 @@ async def test_reported_sequence_sync_client_one_connection(daemon: RunningDaemo
             for round_ in range(300):  # 900 requests: Hypercorn closes a connection at 1000
                 responses = [
                     client.get("/api"),
-                    client.post("/mcp/workspaces", json={"round": round_}),
+                    client.post("/mcp/frontends", json={"round": round_}),
                     client.put("/sessions", json=new_session_body(f"sync-{round_}")),
                 ]
                 assert [r.status_code for r in responses] == [404, 404, 200]
@@ -289,7 +293,7 @@ async def test_body_in_pieces(daemon: RunningDaemon) -> None:
             assert (await client.read_response()).status == 200
             client.next_cycle()
 
-            await client.send_head("POST", "/mcp/workspaces", length=len(unread))
+            await client.send_head("POST", "/mcp/frontends", length=len(unread))
             assert (await client.read_response()).status == 404
             await settle()
             for start in range(0, len(unread), 1000):
@@ -313,7 +317,7 @@ async def test_expect_100_continue(daemon: RunningDaemon) -> None:
             client.next_cycle()
             # A 404 that never reads it: the client was told to continue, so it sends the body
             # anyway after the answer, and the connection carries on.
-            await client.send_head("POST", "/mcp/workspaces", length=LARGE, expect_continue=True)
+            await client.send_head("POST", "/mcp/frontends", length=LARGE, expect_continue=True)
             await client.read_continue()
             assert (await client.read_response()).status == 404
             await settle()
@@ -330,7 +334,7 @@ async def test_client_leaves_mid_body(daemon: RunningDaemon, answered_first: boo
     with trio.fail_after(DEADLINE):
         async with RawHttp.connect(daemon) as client:
             if answered_first:
-                await client.send_head("POST", "/mcp/workspaces", length=LARGE)
+                await client.send_head("POST", "/mcp/frontends", length=LARGE)
                 assert (await client.read_response()).status == 404
             else:
                 await client.send_head("PUT", "/sessions", length=LARGE)
@@ -373,7 +377,7 @@ async def test_body_never_sent_after_the_answer(short_keep_alive: None,
     timeout closes the connection rather than the daemon waiting for the body forever."""
     async with RawHttp.connect(daemon) as client:
         with trio.fail_after(DEADLINE):
-            await client.send_head("POST", "/mcp/workspaces", length=1000)
+            await client.send_head("POST", "/mcp/frontends", length=1000)
             assert (await client.read_response()).status == 404
             await client.send_body(b"x" * 10)
             assert await client.stream.receive_some(1 << 16) == b""
@@ -445,7 +449,7 @@ timings = st.sampled_from(["with_head", "after_answer", "right_after", "pieces"]
 def refused(draw: st.DrawFn) -> Step:
     """404s and 405s: answered without the body being read."""
     method, target, status = draw(st.sampled_from([
-        ("GET", "/api", 404), ("POST", "/mcp/workspaces", 404), ("PUT", "/no/such/route", 404),
+        ("GET", "/api", 404), ("POST", "/mcp/frontends", 404), ("PUT", "/no/such/route", 404),
         ("DELETE", "/sessions/x/y/z", 404), ("POST", "/status", 405), ("PUT", "/status", 405),
         ("POST", "/sessions", 405), ("DELETE", "/sessions", 405),
     ]))

@@ -113,7 +113,7 @@ async def tcp(daemon: RunningDaemon, method: str, target: str, *, token: str | N
 def routes() -> list[tuple[str, str, bool]]:
     """(method, path pattern, is a WebSocket) for every route the app has, so that a route
     added later is in the matrix without anyone adding it here."""
-    daemon = Daemon(Config(), None)  # type: ignore[arg-type]  # routes only, never called
+    daemon = Daemon(Config(), None, mcp=None)  # type: ignore[arg-type]  # routes only, never called
     found = []
     for rule in create_app(daemon).url_map.iter_rules():
         for method in sorted(rule.methods or ()):
