@@ -150,6 +150,8 @@ class Kernel:
         self._readers_done = trio.Event()
         self._open_readers = 0
         self._probe = Probe()
+        #: Set once our stdin socket's connection to the kernel completed its handshake.
+        self._stdin_connected = trio.Event()
         # Read on the message path for every message: kept at hand (see Probe).
         self._probe_ids = self._probe.ids
         self._iopub_seen = self._probe.iopub_seen
@@ -213,6 +215,7 @@ class Kernel:
                             retry=self.params.timeouts.kernel_info_retry)
                         if reply is None:
                             raise self._startup_failure(exited=False)
+                        await self._wait_for_stdin()
                     except StartupFailure as exc:
                         failure = exc
                         nursery.cancel_scope.cancel()
@@ -269,7 +272,27 @@ class Kernel:
         return open_socket(
             self.params.zmq_context, zmq.DEALER, connect=self._url(channel),
             identity=self._identity, name=channel, sndhwm=0, tick=SOCKET_TICK,
+            handshake=self._stdin_connected if channel == "stdin" else None,
         )
+
+    async def _wait_for_stdin(self) -> None:
+        """Do not call the kernel up before our stdin socket is connected to it.
+
+        The kernel speaks first on stdin: its ROUTER sends an `input_request` to our identity
+        and silently drops it if no connection with that identity has completed its handshake
+        yet. Our DEALERs connect before the kernel has bound its ports and retry every 100 ms
+        or so, each on its own timer, so a kernel that answers kernel_info quickly can be
+        running (and a client's first cell calling `input()` or R's `readline()`) before the
+        stdin socket's next retry: the prompt was lost and the cell hung. Shell and control
+        need no such wait: we speak first there, and ZeroMQ holds what we send until the
+        connection is up. A kernel that never binds stdin only costs this wait's bound.
+        """
+        with trio.move_on_after(self.params.startup_timeout):
+            await self._stdin_connected.wait()
+            return
+        log.warning("session %s: the kernel's stdin channel did not connect within %g s; "
+                    "prompts for input (input(), readline()) may not reach the client",
+                    self.params.session_id, self.params.startup_timeout)
 
     def _open_iopub(self) -> Any:
         # Our own accounting bounds the backlog (the outbox); libzmq must not drop silently.

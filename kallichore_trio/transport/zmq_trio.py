@@ -484,19 +484,49 @@ async def open_socket(
     inbound_size: int = 1000,
     outbound_size: int = 1000,
     tick: float = 0.5,
+    handshake: trio.Event | None = None,
 ) -> AsyncIterator[TrioSocket]:
     """Create, configure, bind and/or connect a socket and drive it.
 
     Options are set before bind/connect (so a SUB is subscribed before it connects). A SUB with
     no `subscribe` receives nothing. With `bind="tcp://127.0.0.1:0"` the chosen address is
-    `sock.last_endpoint`."""
-    zsock = _new_socket(ctx, socket_type, bind=bind, connect=connect, identity=identity,
-                        subscribe=subscribe, linger=linger, sndhwm=sndhwm, rcvhwm=rcvhwm,
-                        options=options)
+    `sock.last_endpoint`. `handshake`, if given, is set once a connection has completed its
+    ZMTP handshake: from then on the peer knows this socket's identity (a ROUTER drops what it
+    sends to an identity it does not know yet)."""
+    zsock = _new_socket(ctx, socket_type, bind=bind, identity=identity, subscribe=subscribe,
+                        linger=linger, sndhwm=sndhwm, rcvhwm=rcvhwm, options=options)
+    monitor: zmq.Socket[Any] | None = None
+    try:
+        if handshake is not None:
+            # Before connect, or the event could come before anyone listens for it.
+            monitor = zsock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        if connect is not None:
+            zsock.connect(connect)
+    except BaseException:
+        if monitor is not None:
+            monitor.close(linger=0)
+        zsock.close(linger=0)
+        raise
     async with wrap_socket(
         zsock, name=name, inbound_size=inbound_size, outbound_size=outbound_size, tick=tick
     ) as sock:
-        yield sock
+        if monitor is None or handshake is None:
+            yield sock
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_signal_handshake, monitor, handshake, name)
+            try:
+                yield sock
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def _signal_handshake(monitor: zmq.Socket[Any], handshake: trio.Event, name: str) -> None:
+    """Set `handshake` on the first completed ZMTP handshake of the monitored socket, then let
+    the monitor go (the monitored socket drops its later events: nobody is at the other end)."""
+    async with wrap_socket(monitor, name=f"{name} monitor", tick=5.0) as events:
+        await events.receive()
+    handshake.set()
 
 
 async def round_trip(zsock: zmq.Socket[Any], frames: Sequence[bytes], timeout: float) -> bool:

@@ -10,6 +10,11 @@ Modes:
   spawn_child   like normal, but first starts a child process and prints `child pid <n>`
   hb_pause      like normal; an execute_request whose code is a number stops heartbeat echoes
                 for that many seconds (after the reply and idle)
+  late_stdin    like normal, but binds its stdin port only 0.5 s after its first kernel_info
+                reply, or at its first execute_request if that comes first; an execute_request
+                then asks for input at once (input_request on stdin, as ipykernel's input()
+                does) and prints the answer. A client that has not connected to stdin by then
+                never sees the prompt.
 
 Every mode first prints `mini kernel pid <n>` on stdout.
 """
@@ -59,16 +64,42 @@ sockets = {}
 for name, kind in (("shell", zmq.ROUTER), ("control", zmq.ROUTER), ("stdin", zmq.ROUTER),
                    ("iopub", zmq.PUB), ("hb", zmq.ROUTER)):
     sock = ctx.socket(kind)
-    sock.bind(url + str(info[f"{name}_port"]))
+    if not (mode == "late_stdin" and name == "stdin"):
+        sock.bind(url + str(info[f"{name}_port"]))
     sockets[name] = sock
-iopub, hb = sockets["iopub"], sockets["hb"]
+iopub, hb, stdin = sockets["iopub"], sockets["hb"], sockets["stdin"]
 
 poller = zmq.Poller()
 for sock in sockets.values():
-    poller.register(sock, zmq.POLLIN)
+    if sock is not stdin or mode != "late_stdin":
+        poller.register(sock, zmq.POLLIN)
 hb_paused_until = 0.0
 execution_count = 0
+stdin_bound = mode != "late_stdin"
+bind_stdin_at = 0.0
+
+
+def bind_stdin():
+    global stdin_bound
+    if not stdin_bound:
+        stdin.bind(url + str(info["stdin_port"]))
+        stdin_bound = True
+
+
+def ask_for_input(idents, parent):
+    """input_request on stdin to the shell request's routing prefix; the answer, or None."""
+    stdin.send_multipart(idents + message("input_request", {"prompt": "? ", "password": False},
+                                          parent))
+    if not stdin.poll(10_000):
+        return None
+    answer = stdin.recv_multipart()
+    return json.loads(answer[answer.index(b"<IDS|MSG>") + 5]).get("value")
+
+
 while True:
+    if bind_stdin_at and time.monotonic() >= bind_stdin_at:
+        bind_stdin()
+        bind_stdin_at = 0.0
     if hb_paused_until and time.monotonic() >= hb_paused_until:
         hb_paused_until = 0.0
         poller.register(hb, zmq.POLLIN)
@@ -89,10 +120,17 @@ while True:
                      "implementation_version": "1", "banner": "",
                      "language_info": {"name": "mini", "version": "1"}}
             sock.send_multipart(idents + message("kernel_info_reply", reply, parent))
+            if not stdin_bound and not bind_stdin_at:
+                bind_stdin_at = time.monotonic() + 0.5
         elif msg_type == "execute_request":
             execution_count += 1
             if mode == "hb_pause":
                 pause = float(content.get("code") or 0)
+            if mode == "late_stdin":
+                bind_stdin()
+                value = ask_for_input(idents, parent)
+                iopub.send_multipart(message("stream", {"name": "stdout",
+                                                        "text": f"got {value}\n"}, parent))
             reply = {"status": "ok", "execution_count": execution_count,
                      "user_expressions": {}}
             sock.send_multipart(idents + message("execute_reply", reply, parent))
