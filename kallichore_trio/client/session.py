@@ -306,9 +306,7 @@ class AsyncSession:
             self._evicted = True
         elif isinstance(event, m.ExitedEvent):
             self.exit_code = event.exit_code
-            self._fail_waiters(KernelDied(
-                f"session {self.id}: the kernel exited (code {event.exit_code})",
-                exit_code=event.exit_code, output=self.kernel_output_text()))
+            self.client._nursery.start_soon(self._confirm_exit, event.exit_code)
         for sub in list(self._subscribers):
             try:
                 sub.send_nowait(event)
@@ -316,6 +314,20 @@ class AsyncSession:
                 self.dropped += 1
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.remove(sub)
+
+    async def _confirm_exit(self, exit_code: int) -> None:
+        """Fail the pending requests if the kernel is still gone. An `exited` event can be
+        old news: frames produced while no client was attached (a restart's) are handed to
+        the next client (docs/protocol.md §4.6), and a restarted kernel answers requests."""
+        with trio.move_on_after(self._timeout(None, "request")):
+            try:
+                status = (await self.client.session_info(self.id)).status
+            except ClientError:
+                status = "exited"
+            if status == "exited":
+                self._fail_waiters(KernelDied(
+                    f"session {self.id}: the kernel exited (code {exit_code})",
+                    exit_code=exit_code, output=self.kernel_output_text()))
 
     def _fail_waiters(self, error: ClientError) -> None:
         """Ends every pending request with `error` (the channel stays open)."""
