@@ -119,12 +119,14 @@ class Output:
             from rich.console import Console
             from rich.table import Table
 
-            table = Table(*columns, box=None, header_style="bold")
+            table = Table(*columns, box=None, header_style="bold",
+                          show_header=any(columns))
             for row in rows:
                 table.add_row(*row)
             Console(file=self.out).print(table)
             return
-        self.out.write("\t".join(columns) + "\n")
+        if any(columns):
+            self.out.write("\t".join(columns) + "\n")
         for row in rows:
             self.out.write("\t".join(row) + "\n")
         self.out.flush()
