@@ -72,3 +72,14 @@ def test_plain():
     text = result.stdout.str()
     assert "kallichore-trio" in text  # the plugins line: enabled by its entry point
     assert "kallichore:" not in text
+
+
+def test_the_worked_example_of_docs_client_md_passes(pytester: pytest.Pytester) -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "client.md").read_text()
+    section = doc[doc.index("### A worked example"):]
+    start = section.index("```python\n") + len("```python\n")
+    example = section[start:section.index("\n```", start)]
+    result = run_suite(pytester, example)
+    result.assert_outcomes(passed=6)

@@ -560,8 +560,9 @@ class AsyncSession:
                 lines += [_strip_ansi(line) for line in result.error.traceback]
         lines.append("--- last messages ---")
         lines += [msg.summary() for msg in self.recent_messages] or ["(none)"]
-        lines.append("--- last events ---")
-        lines += [repr(event) for event in self.recent_events] or ["(none)"]
+        lines.append("--- last events (output events: above) ---")
+        lines += [repr(event) for event in self.recent_events
+                  if not isinstance(event, m.OutputEvent)] or ["(none)"]
         return "\n".join(lines)
 
     # ---- lifecycle (HTTP) ----------------------------------------------------------------
