@@ -103,7 +103,8 @@ class KcServer:
         return "".join(parts)
 
 
-def start_kcserver(timeout_scale: float = 1.0, *, transport: str = "tcp") -> KcServer:
+def start_kcserver(timeout_scale: float = 1.0, *, transport: str = "tcp",
+                   log_level: str | None = None) -> KcServer:
     """Run `kcserver` (this interpreter's) in a fresh temporary directory; returns once its
     connection file is written. Stop it with `stop_kcserver`."""
     directory = Path(tempfile.mkdtemp(prefix="kcpt-", dir="/tmp"))  # short: socket paths
@@ -112,7 +113,8 @@ def start_kcserver(timeout_scale: float = 1.0, *, transport: str = "tcp") -> KcS
     env.pop("KALLICHORE_CONNECTION_FILE", None)
     argv = [sys.executable, "-m", "kallichore_trio", "--transport", transport,
             "--connection-file", str(conn), "--socket-dir", str(directory),
-            "--log-file", str(directory / "kcserver.log")]
+            "--log-file", str(directory / "kcserver.log"),
+            *([] if log_level is None else ["--log-level", log_level])]
     with open(directory / "kcserver.out", "wb") as out:
         process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                    stdin=subprocess.DEVNULL)
@@ -232,6 +234,8 @@ def kernel_session(kc_client: Client, request: pytest.FixtureRequest) -> Iterato
     name = _kernel_name(request)
     session = kc_client.start_kernel(name, env=KERNEL_ENV if name is None else None)
     _track(request, session)
+    if session.info().language == "python":
+        session.wait_for_stdin()  # see AsyncSession.wait_for_stdin
     try:
         yield session
     finally:
@@ -254,6 +258,8 @@ async def async_kernel_session(kc_async_client: AsyncClient, request: pytest.Fix
     name = _kernel_name(request)
     session = await kc_async_client.start_kernel(name, env=KERNEL_ENV if name is None else None)
     _track(request, session)
+    if (await session.info()).language == "python":
+        await session.wait_for_stdin()
     try:
         yield session
     finally:
