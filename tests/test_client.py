@@ -178,10 +178,9 @@ async def test_events_are_typed(client: AsyncClient, kernel: AsyncSession,
                     break
     assert event.path == str(tmp_path)
     assert any(isinstance(e, StatusEvent) and e.status == "busy" for e in seen)
-    await kernel.kill()
     exited = await kernel.wait_for_event(lambda e: isinstance(e, ExitedEvent),
-                                         what="the kernel's exit", timeout=30)
-    assert isinstance(exited, ExitedEvent)
+                                         what="exited event", after=kernel.kill, timeout=30)
+    assert isinstance(exited, ExitedEvent) and kernel.exit_code == exited.exit_code
 
 
 async def test_server_calls_are_typed(client: AsyncClient, kernel: AsyncSession) -> None:

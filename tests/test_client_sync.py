@@ -59,3 +59,13 @@ def test_a_dead_kernel_is_reported_with_its_exit_code(kc_client: Client) -> None
     assert caught.value.exit_code == 7
     assert any(isinstance(e, ExitedEvent) for e in session.recent_events)
     session.shutdown()
+
+
+def test_wait_for_event_runs_the_action_once_listening(kc_client: Client) -> None:
+    session = kc_client.start_kernel(env={"PYDEVD_DISABLE_FILE_VALIDATION": "1"})
+    session.execute("1")  # the channel is open
+    exited = session.wait_for_event(lambda e: isinstance(e, ExitedEvent), what="exited event",
+                                    after=session.kill, timeout=60)
+    assert isinstance(exited, ExitedEvent)
+    assert session.info().status == "exited"
+    session.shutdown()

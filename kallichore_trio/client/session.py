@@ -542,12 +542,17 @@ class AsyncSession:
             recv.close()
 
     async def wait_for_event(self, predicate: Callable[[m.KernelEvent], bool], *,
-                             what: str, timeout: float | None = None) -> m.KernelEvent:
+                             what: str, timeout: float | None = None,
+                             after: Callable[[], Awaitable[object]] | None = None,
+                             ) -> m.KernelEvent:
         """The first event from now on that satisfies predicate; `what` names it in the
-        timeout's message."""
+        timeout's message. `after` (e.g. `session.kill`) runs once listening has begun, so
+        the event it causes cannot be missed."""
         timeout = self._timeout(timeout, "reply")
         async with self.events() as events:
             with trio.move_on_after(timeout):
+                if after is not None:
+                    await after()
                 async for event in events:
                     if predicate(event):
                         return event

@@ -283,8 +283,16 @@ class Session:
         return SyncComm(self.client, self._run(self.asession.comm_open, target_name, data))
 
     def wait_for_event(self, predicate: Callable[[m.KernelEvent], bool], *, what: str,
-                       timeout: float | None = None) -> m.KernelEvent:
-        return self._run(self.asession.wait_for_event, predicate, what=what, timeout=timeout)
+                       timeout: float | None = None,
+                       after: Callable[[], object] | None = None) -> m.KernelEvent:
+        """`after` is a plain function here (e.g. `session.kill`); it runs in a worker thread
+        once listening has begun."""
+        async def run_after() -> None:
+            assert after is not None
+            await trio.to_thread.run_sync(after)
+
+        return self._run(self.asession.wait_for_event, predicate, what=what, timeout=timeout,
+                         after=None if after is None else run_after)
 
     def send(self, message: dict[str, Any]) -> None:
         self._run(self.asession.send, message)
