@@ -266,3 +266,16 @@ def test_start_kcserver_helper_cleans_up_after_itself() -> None:
     assert server.directory is not None and server.directory.exists()
     assert stop_kcserver(server) == []
     assert not server.directory.exists()
+
+
+def test_kc_over_the_unix_socket_transport() -> None:
+    server = start_kcserver(transport="socket")
+    try:
+        assert server.address.uds is not None  # the API on a socket, the channel on another
+        assert kc(server, "start", "python3", "--id", "sock", *KERNEL_ENV).returncode == 0
+        done = kc(server, "exec", "sock", "print(6*7)")
+        assert (done.returncode, done.stdout) == (0, "42\n"), done.stderr
+        listing = json.loads(kc(server, "ls", "--json").stdout)
+        assert [s["session_id"] for s in listing] == ["sock"]
+    finally:
+        assert stop_kcserver(server) == []
