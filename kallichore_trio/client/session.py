@@ -111,19 +111,22 @@ class ExecutionStream:
     idle status). Feeds an ExecutionCollector: `result()` once iteration ended."""
 
     def __init__(self, session: AsyncSession, msg_id: str, code: str,
-                 recv: trio.MemoryReceiveChannel[m.Message], deadline: float,
+                 recv: trio.MemoryReceiveChannel[m.Message], timeout: float,
                  on_input: InputHandler | None) -> None:
+        deadline = trio.current_time() + timeout if math.isfinite(timeout) else math.inf
         self.session = session
         self.msg_id = msg_id
         self.collector = ExecutionCollector(code)
         self._recv = recv
         self._deadline = deadline
+        self.timeout = timeout
         self._on_input = on_input
         self.timed_out = False
 
     def extend_deadline(self, seconds: float) -> None:
         """Wait up to `seconds` more from now; no more input is answered."""
         self._deadline = trio.current_time() + seconds
+        self.timeout = seconds
         self._on_input = None
 
     def __aiter__(self) -> ExecutionStream:
@@ -146,8 +149,8 @@ class ExecutionStream:
         self.timed_out = True
         raise ExecutionTimeout(
             f"session {self.session.id}: execute_request {self.msg_id} did not finish (no "
-            f"{'idle status' if self.collector.replied else 'execute_reply'} yet) within the "
-            "timeout", partial=self.result())
+            f"{'idle status' if self.collector.replied else 'execute_reply'} yet) within "
+            f"{self.timeout:g} s", partial=self.result())
 
     async def _answer(self, msg: m.Message) -> None:
         assert self._on_input is not None
@@ -425,9 +428,8 @@ class AsyncSession:
         message = m.request("execute_request", content)
         self.last_code = code
         async with self.request(message) as recv:
-            yield ExecutionStream(self, message["header"]["msg_id"], code, recv,
-                                  trio.current_time() + timeout if math.isfinite(timeout)
-                                  else math.inf, handler)
+            yield ExecutionStream(self, message["header"]["msg_id"], code, recv, timeout,
+                                  handler)
 
     async def execute(self, code: str, *, timeout: float | None = None,
                       input: InputHandler | Iterable[str] | None = None,
