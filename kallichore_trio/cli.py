@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -18,6 +19,7 @@ import shlex
 import stat
 import sys
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO, cast
 
@@ -363,19 +365,60 @@ async def announce(config: Config, address: BoundAddress, out: TextIO) -> None:
         print(f"Try: {curl_example(address, config.token)}", file=out, flush=True)
 
 
-async def serve(config: Config, run_daemon: RunDaemon, out: TextIO | None = None) -> int:
-    """Run the daemon until it shuts down; returns the process exit status."""
+async def serve(config: Config, run_daemon: RunDaemon, out: TextIO | None = None, *,
+                default_connection_file: Path | None = None) -> int:
+    """Run the daemon until it shuts down; returns the process exit status.
+
+    `default_connection_file`: where to also write the connection document when no client
+    asked for one (`kc` and the Python client look there; docs/client.md). Removed at exit.
+    """
     out = out if out is not None else sys.stdout
-    async with trio.open_nursery() as nursery:
-        address = await nursery.start(run_daemon, config)
-        try:
-            await announce(config, address, out)
-        except (HandshakeError, OSError) as exc:
-            # Nobody can reach a server whose address was not delivered: stop it.
-            log.error("Could not deliver the connection details: %s", exc)
-            nursery.cancel_scope.cancel()
-            return 1
+    try:
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(run_daemon, config)
+            try:
+                await announce(config, address, out)
+            except (HandshakeError, OSError) as exc:
+                # Nobody can reach a server whose address was not delivered: stop it.
+                log.error("Could not deliver the connection details: %s", exc)
+                nursery.cancel_scope.cancel()
+                return 1
+            if default_connection_file is not None:
+                _write_default_connection_file(config, address, default_connection_file, out)
+    finally:
+        if default_connection_file is not None:
+            _remove_default_connection_file(config, default_connection_file)
     return 0
+
+
+def default_connection_file_path() -> Path:
+    """`<jupyter runtime dir>/kcserver-<pid>.json` (kallichore_trio.client.discovery)."""
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return Path(jupyter_runtime_dir()) / f"kcserver-{os.getpid()}.json"
+
+
+def _write_default_connection_file(config: Config, address: BoundAddress, path: Path,
+                                   out: TextIO) -> None:
+    # Best effort: the daemon serves without it (the address and token are on stdout).
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_connection_file(path, connection_document(config, address))
+    except OSError as exc:
+        log.warning("Could not write the connection file %s: %s", path, exc)
+        return
+    print(f"Connection file: {path} (kc and kallichore_trio.client find it)", file=out,
+          flush=True)
+
+
+def _remove_default_connection_file(config: Config, path: Path) -> None:
+    # Only if it is still ours (same server_id).
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(doc, dict) and doc.get("server_id") == config.server_id:
+            path.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 def _load_daemon() -> RunDaemon:
@@ -412,7 +455,11 @@ def main(argv: list[str] | None = None) -> int:
                      config.busy_poll * 1e3)
         else:
             log.info("no polling after relayed messages (--busy-poll)")
-        return trio.run(serve, config, _load_daemon())
+        default_file = (default_connection_file_path()
+                        if config.connection_file is None and config.handshake_socket is None
+                        else None)
+        return trio.run(partial(serve, default_connection_file=default_file), config,
+                        _load_daemon())
     except KeyboardInterrupt:
         # A signal before the daemon installed its handlers.
         return 130

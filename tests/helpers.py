@@ -509,6 +509,29 @@ async def stop(server: Server, how: str) -> None:
     assert await server.wait_exit() == 0, server.output()
 
 
+@asynccontextmanager
+async def running_unix_daemon(nursery: trio.Nursery,
+                              config: Config) -> AsyncIterator[RunningDaemon]:
+    before = kernel_pids()
+    address = await nursery.start(run_daemon, config)
+    assert address.socket_path is not None
+    transport = httpx.AsyncHTTPTransport(uds=address.socket_path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost",
+                                 headers={"Authorization": f"Bearer {TOKEN}"},
+                                 timeout=60) as client:
+        try:
+            yield RunningDaemon(address, config, client)
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await client.post("/shutdown")
+                except httpx.HTTPError:
+                    pass
+    with trio.fail_after(30):
+        while kernel_pids() - before:
+            await trio.sleep(0.05)
+
+
 # ---- MCP (tests/integration/test_mcp*.py) ---------------------------------------------
 
 AGENT = types.Implementation(name="test-agent", version="9.9")

@@ -21,8 +21,6 @@ import pytest
 import trio
 from httpx_ws import aconnect_ws
 
-from kallichore_trio.app import run_daemon
-from kallichore_trio.config import Config
 from kallichore_trio.transport import unix
 from kallichore_trio.transport.websocket import ClientConnection
 from tests.helpers import (
@@ -31,9 +29,9 @@ from tests.helpers import (
     RunningDaemon,
     daemon_config,
     jupyter_message,
-    kernel_pids,
     open_channel,
     running_daemon,
+    running_unix_daemon,
     session_json,
     stream_text,
 )
@@ -50,28 +48,6 @@ def sock_dir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
-
-
-@asynccontextmanager
-async def running_unix_daemon(nursery: trio.Nursery,
-                              config: Config) -> AsyncIterator[RunningDaemon]:
-    before = kernel_pids()
-    address = await nursery.start(run_daemon, config)
-    assert address.socket_path is not None
-    transport = httpx.AsyncHTTPTransport(uds=address.socket_path)
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost",
-                                 headers=AUTH, timeout=60) as client:
-        try:
-            yield RunningDaemon(address, config, client)
-        finally:
-            with trio.CancelScope(shield=True):
-                try:
-                    await client.post("/shutdown")
-                except httpx.HTTPError:
-                    pass
-    with trio.fail_after(30):
-        while kernel_pids() - before:
-            await trio.sleep(0.05)
 
 
 @pytest.fixture

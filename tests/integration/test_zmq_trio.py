@@ -581,19 +581,19 @@ async def test_a_drained_subscription_wakes_for_every_trickled_message(
             assert got == [message]
 
 
-async def test_handshake_event_is_set_once_the_peer_is_there(ctx: zmq.Context[Any]) -> None:
-    # Pick a port, then leave it unbound: the DEALER connects to nobody and keeps retrying.
-    probe = ctx.socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)
+async def test_handshake_event_is_set_once_the_peer_is_there(
+    ctx: zmq.Context[Any], tmp_path: Path
+) -> None:
+    # ipc, not tcp: a DEALER retrying a free loopback port can connect to itself (the kernel
+    # picks that port as its source port) and complete a handshake with nobody else there.
+    endpoint = f"ipc://{tmp_path}/peer"
     connected = trio.Event()
     with trio.fail_after(10):
-        async with open_socket(ctx, zmq.DEALER, connect=f"tcp://127.0.0.1:{port}",
-                               identity=b"me", name="dealer", handshake=connected) as dealer:
+        async with open_socket(ctx, zmq.DEALER, connect=endpoint, identity=b"me", name="dealer",
+                               handshake=connected) as dealer:
             await trio.testing.wait_all_tasks_blocked()
             assert not connected.is_set()  # no peer: no handshake
-            async with open_socket(ctx, zmq.ROUTER, bind=f"tcp://127.0.0.1:{port}",
-                                   name="router") as router:
+            async with open_socket(ctx, zmq.ROUTER, bind=endpoint, name="router") as router:
                 await connected.wait()
                 # The ROUTER knows us now: what it sends to our identity is not dropped.
                 await router.send([b"me", b"hello"])

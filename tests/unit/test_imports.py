@@ -30,6 +30,11 @@ ROOT = Path(kallichore_trio.__file__).parent
 #: shrunk fails the test, so the list cannot outlive its reasons.
 MAX_LINES = 500
 LONG_MODULES = {
+    "kallichore_trio.client.session": (
+        "one kernel session seen from the client: the channel reader that routes every "
+        "message to its request, execution, streaming, input answers, comms and events share "
+        "the reader's routing tables; to be split along those lines"
+    ),
     "kallichore_trio.transport.zmq_trio": (
         "one adapter: TrioSocket, Subscription and round_trip share the rule that EVENTS is "
         "re-read after every zmq call and the FD is waited on only when nothing is pending; "
@@ -50,6 +55,11 @@ LONG_MODULES = {
 
 #: Type-only imports that close a cycle, and why they are still here. Stale entries fail.
 TYPE_ONLY_BACK_EDGES: dict[tuple[str, str], str] = {
+    ("kallichore_trio.client.session", "kallichore_trio.client.aclient"): (
+        "an AsyncSession is a child of its AsyncClient (it runs in the client's nursery and "
+        "calls the client's routes for interrupt, restart, kill, delete); at run time only "
+        "aclient imports session"
+    ),
 }
 
 #: Libraries that do I/O or run an event loop: pure layers must not import them.
