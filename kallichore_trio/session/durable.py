@@ -25,7 +25,16 @@ EXITED_UNSUPERVISED = "the kernel exited while no supervisor was running"
 
 
 async def reattach(session: Session, orphan: Orphan) -> None:
-    """Take the kernel of a dead daemon's session over, or list the session as exited."""
+    """Take the kernel of a dead daemon's session over, or list the session as exited. Runs
+    in the registry's nursery: nothing may escape it but cancellation."""
+    try:
+        await _reattach(session, orphan)
+    except Exception as exc:
+        log.exception("session %s: re-attaching failed", session.session_id)
+        session.set_status("exited", f"could not re-attach the kernel: {exc}")
+
+
+async def _reattach(session: Session, orphan: Orphan) -> None:
     record = orphan.record
     session.emit(wire.supervisor_restarted_event(record.owner.server_id, int(orphan.gap * 1000)))
     ref = record.kernel
