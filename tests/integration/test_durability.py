@@ -62,10 +62,10 @@ def kernel_pids() -> Iterator[set[int]]:
 
 
 @contextlib.asynccontextmanager
-async def daemon(dirs: Path, name: str) -> AsyncIterator[Server]:
+async def daemon(dirs: Path, name: str, transport: str = "tcp") -> AsyncIterator[Server]:
     work = dirs / name
     work.mkdir()
-    args = ["--connection-file", str(work / "conn.json"), "--transport", "tcp",
+    args = ["--connection-file", str(work / "conn.json"), "--transport", transport,
             "--state-dir", str(dirs / "state"), "--log-level", "debug"]
     async with launch(args, work) as server:
         yield server
@@ -126,26 +126,40 @@ async def run(ws: Any, code: str, *, on_sent: Any = None) -> tuple[str, list[dic
     return out, frames
 
 
-def channel_url(server: Server, session_id: str) -> str:
-    return f"{server.doc['base_path'].replace('http', 'ws', 1)}/sessions/{session_id}/channels"
+@contextlib.asynccontextmanager
+async def channel(server: Server, session_id: str) -> AsyncIterator[Any]:
+    """The session's WebSocket: on the TCP API, or on its own Unix socket (socket transport)."""
+    if "base_path" in server.doc:
+        url = f"{server.doc['base_path'].replace('http', 'ws', 1)}/sessions/{session_id}/channels"
+        async with server.client() as http, aconnect_ws(url, http) as ws:
+            yield ws
+        return
+    async with server.client() as http:
+        path = (await http.get(f"/sessions/{session_id}/channels")).json()
+    auth = {"Authorization": f"Bearer {server.doc['bearer_token']}"}
+    transport = httpx.AsyncHTTPTransport(uds=path)
+    async with httpx.AsyncClient(transport=transport, headers=auth) as http:
+        async with aconnect_ws(f"http://localhost/api/channels/{session_id}", http) as ws:
+            yield ws
 
 
 def records(dirs: Path) -> list[str]:
     return sorted(p.name for p in (dirs / "state").iterdir())
 
 
-async def test_kernels_survive_a_crash_and_are_reattached(dirs: Path,
-                                                          kernel_pids: set[int]) -> None:
-    async with daemon(dirs, "a") as first:
+@pytest.mark.parametrize("transport", ["tcp", "socket"])
+async def test_kernels_survive_a_crash_and_are_reattached(dirs: Path, kernel_pids: set[int],
+                                                          transport: str) -> None:
+    async with daemon(dirs, "a", transport) as first:
         pid1 = await create_started(first, "py-1", kernel_pids, interrupt_mode="signal")
         pid2 = await create_started(first, "py-2", kernel_pids)
-        async with first.client() as http, aconnect_ws(channel_url(first, "py-1"), http) as ws:
+        async with channel(first, "py-1") as ws:
             await run(ws, "x = 42")
         assert len([r for r in records(dirs) if r.endswith(".json")]) == 2
         await crash(first)
     assert not process_gone(pid1) and not process_gone(pid2)
 
-    async with daemon(dirs, "b") as second:
+    async with daemon(dirs, "b", transport) as second:
         listed = await sessions(second)
         assert set(listed) == {"py-1", "py-2"}
         for sid, pid in (("py-1", pid1), ("py-2", pid2)):
@@ -156,7 +170,7 @@ async def test_kernels_survive_a_crash_and_are_reattached(dirs: Path,
 
         async with second.client() as http:
             http.timeout = httpx.Timeout(60)
-            async with aconnect_ws(channel_url(second, "py-1"), http) as ws:
+            async with channel(second, "py-1") as ws:
                 first_frame = json.loads(await ws.receive_text())
                 restarted = first_frame.get("supervisorRestarted")
                 assert first_frame["kind"] == "kernel" and restarted, first_frame
@@ -253,3 +267,39 @@ async def test_an_unusable_state_dir_stops_the_start(dirs: Path) -> None:
             capture_stdout=True, capture_stderr=True, check=False)
     assert result.returncode != 0
     assert str(blocker / "state").encode() in result.stderr
+
+
+async def test_two_daemons_starting_at_once_split_the_orphans(dirs: Path,
+                                                              kernel_pids: set[int]) -> None:
+    ids = [f"py-{i}" for i in range(4)]
+    async with daemon(dirs, "a") as first:
+        pids = {sid: await create_started(first, sid, kernel_pids) for sid in ids}
+        await crash(first)
+    # Both processes are started at the same moment and scan the state dir concurrently.
+    servers: dict[str, Server] = {}
+    both_up, checked = trio.Event(), trio.Event()
+
+    async def run_daemon(name: str) -> None:
+        async with daemon(dirs, name) as server:
+            servers[name] = server
+            if len(servers) == 2:
+                both_up.set()
+            await checked.wait()
+            await stop(server, "sigterm")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run_daemon, "b")
+        nursery.start_soon(run_daemon, "c")
+        with trio.fail_after(STARTUP_TIMEOUT * 2):
+            await both_up.wait()
+        taken = {name: await sessions(server) for name, server in servers.items()}
+        assert not set(taken["b"]) & set(taken["c"])
+        assert set(taken["b"]) | set(taken["c"]) == set(ids)
+        for name, server in servers.items():
+            for sid in taken[name]:
+                session = await wait_status(server, sid, "idle")
+                assert session["process_id"] == pids[sid]
+        checked.set()
+    for pid in pids.values():
+        assert process_gone(pid)
+    assert records(dirs) == []
