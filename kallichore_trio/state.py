@@ -166,6 +166,15 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
+def _drop_lock(path: Path, fd: int) -> None:
+    """Remove a lock file we hold for a record that is no more, then let go of it."""
+    try:
+        path.unlink()
+    except OSError:
+        pass
+    os.close(fd)
+
+
 @attrs.frozen
 class Orphan:
     """A record taken over from a dead daemon; `gap` is seconds since its owner last wrote or
@@ -256,7 +265,7 @@ class RecordStore:
                     raw = path.read_bytes()
                     mtime = path.stat().st_mtime
                 except FileNotFoundError:
-                    os.close(fd)  # removed meanwhile by its owner
+                    _drop_lock(lock, fd)  # removed meanwhile by its owner
                     continue
                 try:
                     record = loads(raw)
@@ -266,7 +275,7 @@ class RecordStore:
                     log.error("state: %s is not a usable session record (%s); moved aside "
                               "to %s.bad", path, exc, path.name)
                     os.replace(path, path.with_name(path.name + ".bad"))
-                    os.close(fd)
+                    _drop_lock(lock, fd)
                     continue
                 if record.owner.process.alive():
                     log.warning("state: %s belongs to a live daemon (pid %d) that does not "

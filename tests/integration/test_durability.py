@@ -178,6 +178,8 @@ async def test_kernels_survive_a_crash_and_are_reattached(dirs: Path, kernel_pid
                 assert restarted["gap_ms"] >= 0
                 out, _ = await run(ws, "print(x)")
                 assert out == "42\n"
+                out, _ = await run(ws, "import os; print(os.environ.get('JPY_PARENT_PID'))")
+                assert out == "None\n"
 
                 # Kernel output outside iopub (the process's own stdout) still arrives.
                 _, frames = await run(ws, "import os; os.write(1, b'straight out\\n')")
@@ -198,6 +200,19 @@ async def test_kernels_survive_a_crash_and_are_reattached(dirs: Path, kernel_pid
                            and f["header"]["msg_type"] == "execute_reply"]
                 assert replies and replies[0]["content"]["status"] == "error"
                 assert replies[0]["content"]["ename"] == "KeyboardInterrupt"
+
+            # Interrupt (message mode): an interrupt_request on the re-attached control socket.
+            async with channel(second, "py-2") as ws:
+                async def interrupt_by_message() -> None:
+                    await trio.sleep(0.5)
+                    response = await http.post("/sessions/py-2/interrupt")
+                    assert response.status_code == 200, response.text
+
+                _, frames = await run(ws, "import time; time.sleep(60)",
+                                      on_sent=interrupt_by_message)
+                replies = [f for f in frames if f.get("kind") == "jupyter"
+                           and f["header"]["msg_type"] == "execute_reply"]
+                assert replies and replies[0]["content"]["ename"] == "KeyboardInterrupt"
 
             # Restart: the old process ends, a new one runs the same session.
             response = await http.post("/sessions/py-2/restart", json={})
@@ -226,7 +241,10 @@ async def test_a_kernel_that_died_unsupervised_is_exited(dirs: Path,
         await crash(first)
     os.killpg(pid, signal.SIGKILL)
     await wait_process_gone(pid)
+    # A record that is not one is moved aside, and does not stop the daemon.
+    (dirs / "state" / "junk.json").write_text("{ not a record")
     async with daemon(dirs, "b") as second:
+        assert (dirs / "state" / "junk.json.bad").exists()
         session = await wait_status(second, "py-dead", "exited")
         assert session.get("process_id") is None
         async with second.client() as http:
@@ -241,7 +259,7 @@ async def test_a_kernel_that_died_unsupervised_is_exited(dirs: Path,
             # ... and deletable, which removes its record.
             response = await http.delete("/sessions/py-dead")
             assert response.status_code == 200, response.text
-        assert records(dirs) == []
+        assert records(dirs) == ["junk.json.bad"]
         await stop(second, "shutdown")
 
 

@@ -127,6 +127,7 @@ def test_orphans_are_taken_once_and_bad_records_moved_aside(tmp_path: Path) -> N
     assert taken == ["a", "b"]
     assert sorted(p.name for p in tmp_path.glob("*.bad")) == [
         "junk.json.bad", f"{state.file_stem('x')}.json.bad"]
+    assert not (tmp_path / "junk.lock").exists()
     # A second daemon now finds nothing to take: the first holds them, and "c" is live.
     assert list(RecordStore(tmp_path, me()).orphans()) == []
 
