@@ -36,6 +36,7 @@ from kallichore_trio.config import Config
 from kallichore_trio.daemon import Daemon, IdleClock, run_watchers
 from kallichore_trio.mcp.service import McpService
 from kallichore_trio.registry import SessionRegistry
+from kallichore_trio.state import Owner, ProcessRef, RecordStore, prepare_state_dir
 from kallichore_trio.transport import hypercorn_ext
 from kallichore_trio.transport.unix import bind_unix, main_socket_path
 
@@ -70,6 +71,16 @@ def bind_listener(config: Config) -> tuple[socket.socket, ServerAddress, Path | 
     return sock, ServerAddress("tcp", port=port, base_path=f"http://{config.host}:{port}"), None
 
 
+def _record_store(config: Config) -> RecordStore | None:
+    """The store of session records in --state-dir (StateDirError if it is unusable)."""
+    if config.state_dir is None:
+        return None
+    prepare_state_dir(config.state_dir)
+    me = ProcessRef.of(os.getpid())
+    assert me is not None
+    return RecordStore(config.state_dir, Owner(process=me, server_id=config.server_id))
+
+
 def _hypercorn_config(sock: socket.socket) -> hypercorn.config.Config:
     hc = hypercorn.config.Config()
     # Hypercorn owns (and closes) a duplicate; we close the original.
@@ -95,6 +106,7 @@ async def run_daemon(
     """Serve until shut down. `busy_poll` is made from the config unless given (a test gives
     its own to watch it)."""
     runtime_dir = config.runtime_dir or Path(jupyter_runtime_dir())
+    store = _record_store(config)
     zmq_context: zmq.Context[Any] = zmq.Context()
     sock, address, owned_socket = bind_listener(config)
     try:
@@ -110,7 +122,10 @@ async def run_daemon(
                     on_activity=idle_clock.on_activity, on_traffic=busy_poll.on_traffic,
                     # The MCP service needs the registry, and the registry's kernels its
                     # environment (POSITRON_MCP_URL/TOKEN): resolved when a kernel starts.
-                    extra_env=lambda session: mcp.kernel_env(session) if mcp else {})
+                    extra_env=lambda session: mcp.kernel_env(session) if mcp else {},
+                    store=store)
+                # Before serving: the first GET /sessions lists the sessions taken over.
+                await registry.reattach_orphans()
                 mcp = McpService(config, registry, root, on_activity=idle_clock.on_activity)
                 daemon = Daemon(config, registry, idle_clock, mcp=mcp)
                 app = create_app(daemon)

@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
              "implies --transport socket")
     add("--socket-dir", type=Path, metavar="DIR",
         help="directory for generated Unix sockets (default: $XDG_RUNTIME_DIR, else tmp)")
+    add("--state-dir", type=Path, metavar="DIR",
+        help="where session records and kernel output are kept so that kernels survive a "
+             "daemon crash and the next daemon re-attaches them (default: "
+             "the per-user state directory, e.g. ~/.local/state/kallichore-trio)")
     add("--unix-socket", type=Path, metavar="PATH",
         help=f"serve the API on this Unix socket (at most {MAX_SOCKET_PATH_BYTES} bytes); "
              "implies --transport socket")
@@ -252,6 +256,7 @@ def config_from_args(
         log_level=level,
         log_file=_absolute(ns.log_file),
         allowed_origins=frozenset(ns.allow_origin),
+        state_dir=_absolute(ns.state_dir) or default_state_dir(),
         **kwargs,
     )
 
@@ -259,6 +264,12 @@ def config_from_args(
 def _absolute(path: Path | None) -> Path | None:
     # Absolute, so documents and later chdirs cannot change what the path means.
     return None if path is None else path.absolute()
+
+
+def default_state_dir() -> Path:
+    from platformdirs import user_state_dir
+
+    return Path(user_state_dir("kallichore-trio"))
 
 
 def prepare_paths(config: Config) -> None:
@@ -271,6 +282,13 @@ def prepare_paths(config: Config) -> None:
             directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise UsageError(f"could not create the directory '{directory}': {exc}") from exc
+    if config.state_dir is not None:
+        from kallichore_trio.state import StateDirError, prepare_state_dir
+
+        try:
+            prepare_state_dir(config.state_dir)
+        except StateDirError as exc:
+            raise UsageError(str(exc)) from exc
 
 
 class _Formatter(logging.Formatter):

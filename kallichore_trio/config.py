@@ -114,6 +114,10 @@ class Config:
     log_file: Path | None = None
     #: Directory for kernel connection files; None = jupyter runtime dir.
     runtime_dir: Path | None = None
+    #: Where session records and kernel output files are kept so that kernels survive a
+    #: daemon crash (state.py, docs/durability.md); None keeps nothing (kernel output piped).
+    #: kcserver always sets one (--state-dir).
+    state_dir: Path | None = None
     server_id: str = attrs.field(factory=new_server_id)
     timeouts: Timeouts = attrs.field(factory=Timeouts)
     outbox: OutboxLimits = attrs.field(factory=OutboxLimits)

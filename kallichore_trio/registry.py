@@ -1,4 +1,9 @@
-"""SessionRegistry: every session of the daemon, each running in the registry's nursery."""
+"""SessionRegistry: every session of the daemon, each running in the registry's nursery.
+
+With a record store (state.py), each session's record is kept while the session lives and
+removed when it is deleted or the daemon shuts down; at start the registry takes over the
+sessions of daemons that died (`reattach_orphans`, docs/durability.md).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,9 @@ from kallichore_trio.config import KALLICHORE_VERSION, Config
 from kallichore_trio.errors import SessionExists, SessionNotFound, SessionRunning
 from kallichore_trio.kernel import launch
 from kallichore_trio.models import NewSession, ServerStatus
+from kallichore_trio.session import durable
 from kallichore_trio.session.session import Session
+from kallichore_trio.state import TOUCH_PERIOD, RecordStore
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +38,10 @@ class SessionRegistry:
         on_activity: Callable[[], None] = lambda: None,
         on_traffic: Callable[[], None] = lambda: None,
         extra_env: Callable[[Session], dict[str, str]] = lambda _: {},
+        store: RecordStore | None = None,
     ) -> None:
         self.config = config
+        self.store = store
         self._nursery = nursery
         self.zmq_context = zmq_context
         self.runtime_dir = runtime_dir
@@ -51,7 +60,17 @@ class SessionRegistry:
         launch.check_kernel_path(model.argv)
         if model.session_id in self.sessions:
             raise SessionExists(model.session_id)
-        session = Session(
+        kept = self.store is not None and self.store.claim(model.session_id)
+        session = self._new_session(model, kept=kept)
+        self.sessions[model.session_id] = session
+        await self._nursery.start(session.run)
+        session.persist()
+        log.info("session %s: created (%s, argv %s)", model.session_id, model.display_name,
+                 model.argv)
+        return session
+
+    def _new_session(self, model: NewSession, *, kept: bool, key: str | None = None) -> Session:
+        return Session(
             model,
             config=self.config,
             zmq_context=self.zmq_context,
@@ -59,12 +78,32 @@ class SessionRegistry:
             on_activity=self.on_activity,
             on_traffic=self.on_traffic,
             extra_env=self.extra_env,
+            store=self.store if kept else None,
+            key=key,
         )
-        self.sessions[model.session_id] = session
-        await self._nursery.start(session.run)
-        log.info("session %s: created (%s, argv %s)", model.session_id, model.display_name,
-                 model.argv)
-        return session
+
+    async def reattach_orphans(self) -> None:
+        """Take over the sessions of dead daemons (their records are locked now), list them at
+        once, and re-attach their kernels in the background; then keep our records fresh."""
+        if self.store is None:
+            return
+        for orphan in self.store.orphans():
+            model = orphan.record.session
+            if model.session_id in self.sessions:
+                continue  # cannot happen: ids are unique in a state dir
+            session = self._new_session(model, kept=True, key=orphan.record.key)
+            session.restore(orphan.record)
+            self.sessions[model.session_id] = session
+            await self._nursery.start(session.run)
+            self._nursery.start_soon(durable.reattach, session, orphan,
+                                     name=f"reattach {model.session_id}")
+        self._nursery.start_soon(self._touch_records, name="touch records")
+
+    async def _touch_records(self) -> None:
+        assert self.store is not None
+        while True:
+            await trio.sleep(TOUCH_PERIOD)
+            self.store.touch()
 
     def get(self, session_id: str, *, details: str | None = None) -> Session:
         try:
@@ -79,6 +118,8 @@ class SessionRegistry:
             raise SessionRunning(session_id)
         del self.sessions[session_id]
         session.close()
+        if self.store is not None:
+            self.store.remove(session_id)
         log.info("session %s: deleted", session_id)
 
     async def shutdown_all(self) -> None:
@@ -88,6 +129,9 @@ class SessionRegistry:
                 nursery.start_soon(session.shutdown)
         for session in self.sessions.values():
             session.close()
+            # A deliberate shutdown leaves nothing to take over (only a crash does).
+            if self.store is not None:
+                self.store.remove(session.session_id)
 
     @property
     def any_busy(self) -> bool:

@@ -11,6 +11,14 @@ import trio
 from tests.helpers import RunningDaemon, daemon_config, running_daemon
 
 
+@pytest.fixture(autouse=True)
+def private_state_home(tmp_path_factory: pytest.TempPathFactory,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """kcserver's default --state-dir is under XDG_STATE_HOME: a daemon a test starts (in
+    process or not) must neither write to the user's nor take over the sessions kept there."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
+
+
 @pytest.fixture
 async def daemon(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RunningDaemon]:
     config = daemon_config(tmp_path)

@@ -101,6 +101,7 @@ def daemon_config(tmp_path: Path, **overrides: Any) -> Config:
         "token": TOKEN,
         "runtime_dir": tmp_path / "runtime",
         "socket_dir": tmp_path,
+        "state_dir": tmp_path / "state",
         "timeouts": timeouts,
     }
     values.update(overrides)
@@ -450,7 +451,8 @@ async def launch(
 ) -> AsyncIterator[Server]:
     """Start kcserver, wait for its connection document (file or handshake), and make sure it
     is gone afterwards."""
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(work))
+    # The default --state-dir goes under XDG_STATE_HOME: keep it in the test's directory.
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(work), XDG_STATE_HOME=str(work / "state"))
     env.pop("RUST_LOG", None)
     out, err = work / "stdout.txt", work / "stderr.txt"
     listener = None

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any, Protocol
 
 import trio
@@ -37,6 +38,7 @@ from kallichore_trio.kernel.launch import LaunchPlan
 from kallichore_trio.kernel.params import KernelParams
 from kallichore_trio.kernel.startup import Probe, StartupOutput, handshake, startup_failure
 from kallichore_trio.models import ConnectionInfo
+from kallichore_trio.state import ProcessRef
 from kallichore_trio.timers import next_multiple
 from kallichore_trio.transport.zmq_trio import (
     Subscription,
@@ -56,6 +58,11 @@ ADDRESS_IN_USE = "Address already in use"
 IOPUB_RCVHWM = 20_000
 #: The zmq adapter's safety wake-up; an idle daemon with many sessions pays for each tick.
 SOCKET_TICK = 5.0
+#: How often an output file is looked at: soon after output, less often the longer it is quiet.
+FOLLOW_FIRST = 0.01
+FOLLOW_MAX = 0.5
+#: How often a re-attached kernel is checked for exit where there is no pidfd.
+EXIT_POLL = 0.5
 
 
 def zmq_identity(session_id: str) -> bytes:
@@ -122,8 +129,17 @@ class Kernel:
         plan: LaunchPlan | None,
         ports: PortReservation | None,
         retry_on_port_conflict: bool = False,
+        attached: ProcessRef | None = None,
     ) -> None:
         self.events = events
+        #: A running kernel process we did not start: re-attached after a daemon crash. Not
+        #: our child, so its exit is watched through a pidfd (or polled), not waited for.
+        self.attached = attached
+        #: Set when the process is gone; the output followers then read what is left and end.
+        self._process_gone = trio.Event()
+        #: We asked it to end (shutdown or restart): a re-attached kernel's exit code, which
+        #: we cannot know, is then reported as 0.
+        self._stopping = False
         self.params = params
         self.info = info
         self.plan = plan
@@ -162,6 +178,8 @@ class Kernel:
 
     @property
     def pid(self) -> int | None:
+        if self.attached is not None:
+            return None if self._process_gone.is_set() else self.attached.pid
         if self.process is None or self.returncode is not None:
             return None
         return self.process.pid
@@ -199,6 +217,9 @@ class Kernel:
                             )
                         if self.plan is not None:
                             await self._spawn(nursery)
+                        elif self.attached is not None:
+                            self._follow(nursery, from_end=True)
+                            nursery.start_soon(self._watch_attached, name="process watch")
                         if registration is not None:
                             # The socket stays open until the incarnation ends: closing it
                             # now could discard the reply before libzmq has sent it.
@@ -248,7 +269,8 @@ class Kernel:
     async def _spawn(self, nursery: trio.Nursery) -> None:
         assert self.plan is not None
         try:
-            self.process = await launch.spawn(self.plan.command, self.plan.env, self.plan.cwd)
+            self.process = await launch.spawn(self.plan.command, self.plan.env, self.plan.cwd,
+                                              self.params.output_files)
         except OSError as exc:
             self.events.on_spawn_failed(f"failed to spawn process: {exc}")
             raise StartupFailure(ProcessStartFailed(str(exc)), exit_code=exc.errno) from None
@@ -258,11 +280,22 @@ class Kernel:
             self.process.pid,
             launch.describe_command(self.plan.command),
         )
-        for name, stream in (("stdout", self.process.stdout), ("stderr", self.process.stderr)):
-            assert stream is not None
-            self._open_readers += 1
-            nursery.start_soon(self._read_output, name, stream, name=f"read {name}")
+        if self.params.output_files is not None:
+            self._follow(nursery, from_end=False)
+        else:
+            for name, stream in (("stdout", self.process.stdout),
+                                 ("stderr", self.process.stderr)):
+                assert stream is not None
+                self._open_readers += 1
+                nursery.start_soon(self._read_output, name, stream, name=f"read {name}")
         nursery.start_soon(self._watch_process, name="process watch")
+
+    def _follow(self, nursery: trio.Nursery, *, from_end: bool) -> None:
+        if self.params.output_files is None:
+            return
+        for name, path in zip(("stdout", "stderr"), self.params.output_files, strict=True):
+            self._open_readers += 1
+            nursery.start_soon(self._follow_output, name, path, from_end, name=f"follow {name}")
 
     def _url(self, channel: str) -> str:
         assert self.info is not None
@@ -304,7 +337,10 @@ class Kernel:
     # ---- startup -----------------------------------------------------------------------
 
     async def _send_probe(self, msg_id: str) -> None:
-        await self.send_request("shell", "kernel_info_request", {}, msg_id=msg_id)
+        # A re-attached kernel may be busy running a cell, which holds its shell channel;
+        # control answers kernel_info meanwhile.
+        channel = "control" if self.attached is not None else "shell"
+        await self.send_request(channel, "kernel_info_request", {}, msg_id=msg_id)
 
     def startup_output(self) -> str:
         return self._output.clean()
@@ -336,6 +372,45 @@ class Kernel:
             if self._open_readers == 0:
                 self._readers_done.set()
 
+    async def _follow_output(self, name: str, path: Path, from_end: bool) -> None:
+        """Pass on what the kernel appends to its output file, until the process is gone and
+        the file read to its end. Polled: sooner after output, rarely while it is quiet."""
+        pending = b""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.warning("session %s: cannot follow the kernel's %s in %s: %s",
+                        self.params.session_id, name, path, exc)
+            fd = None
+        try:
+            if fd is not None and from_end:
+                os.lseek(fd, 0, os.SEEK_END)  # what was written while nobody followed is lost
+            wait = FOLLOW_FIRST
+            while fd is not None:
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    pending += chunk
+                    while (cut := pending.find(b"\n")) >= 0 or len(pending) > MAX_LINE:
+                        end = cut + 1 if cut >= 0 else MAX_LINE
+                        self._on_line(name, pending[:end])
+                        pending = pending[end:]
+                    wait = FOLLOW_FIRST
+                    await trio.lowlevel.checkpoint()
+                    continue
+                if self._process_gone.is_set():
+                    break
+                with trio.move_on_after(wait):
+                    await self._process_gone.wait()
+                wait = min(wait * 2, FOLLOW_MAX)
+            if pending:
+                self._on_line(name, pending)
+        finally:
+            if fd is not None:
+                os.close(fd)
+            self._open_readers -= 1
+            if self._open_readers == 0:
+                self._readers_done.set()
+
     def _on_line(self, stream: str, raw: bytes) -> None:
         text = raw.decode("utf-8", errors="replace")
         if not self.started:
@@ -361,6 +436,7 @@ class Kernel:
     async def _watch_process(self) -> None:
         assert self.process is not None
         self.returncode = await self.process.wait()
+        self._process_gone.set()
         # Let the last lines the kernel printed arrive before its exit is reported.
         with trio.move_on_after(1.0):
             await self._readers_done.wait()
@@ -374,6 +450,18 @@ class Kernel:
         )
         self._mark_exited()
         self.events.on_kernel_exit(self, launch.exit_code_of(self.returncode))
+        self._scope.cancel()
+
+    async def _watch_attached(self) -> None:
+        assert self.attached is not None
+        await wait_gone(self.attached)
+        self._process_gone.set()
+        with trio.move_on_after(1.0):
+            await self._readers_done.wait()
+        log.info("session %s: re-attached kernel pid %d exited", self.params.session_id,
+                 self.attached.pid)
+        self._mark_exited()
+        self.events.on_kernel_exit(self, 0 if self._stopping else -1)
         self._scope.cancel()
 
     async def _pump(self, channel: str, sock: TrioSocket) -> None:
@@ -504,12 +592,13 @@ class Kernel:
         """Ask the kernel to shut down, then insist: SIGTERM, then SIGKILL, each bounded. (The
         session clears its execution queue before it calls this: session.Session._stop_kernel.)"""
         timeouts = self.params.timeouts
+        self._stopping = True
         if self.running:
             try:
                 await self.send_request("control", "shutdown_request", {"restart": restart})
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
-        if self.process is None:
+        if self.process is None and self.attached is None:
             # An adopted kernel: we cannot make it exit; give it a moment, then let go.
             with trio.move_on_after(min(grace, 1.0)):
                 await self.exited.wait()
@@ -548,9 +637,26 @@ class Kernel:
             if not self.exited.is_set() and self.returncode is not None:
                 self._mark_exited()
                 self.events.on_kernel_exit(self, launch.exit_code_of(self.returncode))
+        elif self.attached is not None:
+            if not self._process_gone.is_set():
+                launch.signal_group(self.attached.pid, signal.SIGKILL)
+                with trio.move_on_after(self.params.timeouts.kill):
+                    await wait_gone(self.attached)
+                    self._process_gone.set()
+            launch.signal_group(self.attached.pid, signal.SIGKILL)
+            if not self.exited.is_set():
+                self._mark_exited()
+                self.events.on_kernel_exit(self, 0 if self._stopping else -1)
         elif not self.exited.is_set():
             self._mark_exited()
             self.events.on_kernel_exit(self, 0)
+        if self.params.output_files is not None and (
+                self.process is not None or self.attached is not None):
+            for path in self.params.output_files:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
         if self.ports is not None:
             self.ports.release()
         if self.plan is not None:
@@ -558,3 +664,21 @@ class Kernel:
                 os.unlink(self.plan.connection_file)
             except OSError:
                 pass
+
+
+async def wait_gone(ref: ProcessRef) -> None:
+    """Return once the process `ref` names has ended. It is not our child, so there is no
+    waitpid: a pidfd where the OS has them, else a poll."""
+    try:
+        fd = os.pidfd_open(ref.pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):
+        while ref.alive():
+            await trio.sleep(EXIT_POLL)
+        return
+    try:
+        if ref.alive():  # the pidfd is for the same process, not a successor on a reused pid
+            await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)

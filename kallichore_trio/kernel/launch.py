@@ -84,6 +84,9 @@ def prepare(model: NewSession, *, session_id: str, key: str, runtime_dir: Path, 
         raise ProcessStartFailed(f"could not prepare the connection file: {exc}") from None
     argv = substitute_connection_file(model.argv, path)
     env = resolve_env(os.environ, env_actions)
+    # A kernel that watches this pid would end itself when the daemon dies: it must not
+    # (docs/durability.md). We never set it; one inherited from our own parent goes too.
+    env.pop("JPY_PARENT_PID", None)
     env.update(extra_env or {})  # the daemon's own additions (MCP: docs/mcp.md)
     command = build_command(model, argv, cwd)
     shell = command[0] if command[:1] != argv[:1] else None
@@ -185,17 +188,28 @@ def describe_command(command: Sequence[str]) -> str:
     return shlex.join(command)
 
 
-async def spawn(command: Sequence[str], env: Mapping[str, str], cwd: str | None) -> trio.Process:
-    """Start the kernel in a new session with its output piped to us."""
-    return await trio.lowlevel.open_process(
-        list(command),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=dict(env),
-        cwd=cwd,
-        start_new_session=True,
-    )
+async def spawn(command: Sequence[str], env: Mapping[str, str], cwd: str | None,
+                output_files: tuple[Path, Path] | None = None) -> trio.Process:
+    """Start the kernel in a new session, its stdout and stderr appended to `output_files`
+    (created 0600, emptied first), or piped to us when there are none."""
+    outputs: list[int] = []
+    try:
+        for path in output_files or ():
+            outputs.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND,
+                                   0o600))
+        stdout, stderr = outputs if outputs else (subprocess.PIPE, subprocess.PIPE)
+        return await trio.lowlevel.open_process(
+            list(command),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            env=dict(env),
+            cwd=cwd,
+            start_new_session=True,
+        )
+    finally:
+        for fd in outputs:
+            os.close(fd)
 
 
 def signal_group(pid: int, sig: int) -> bool:

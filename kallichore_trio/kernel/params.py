@@ -5,6 +5,7 @@ Its own module so that kernel.py and startup.py can both use it without importin
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -32,6 +33,10 @@ class KernelParams:
     #: The session's startup_environment and its argument, for startup errors' details.
     startup_environment: str = "none"
     startup_environment_arg: str | None = None
+    #: Files the kernel's stdout and stderr go to, which the daemon follows; None: pipes. A
+    #: file, unlike a pipe, outlives the daemon: a kernel writing to it is not hurt by a
+    #: daemon crash, and the next daemon can follow it (docs/durability.md).
+    output_files: tuple[Path, Path] | None = None
 
 
 __all__ = ["KernelParams"]

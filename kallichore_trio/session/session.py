@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +76,7 @@ from kallichore_trio.models import (
 from kallichore_trio.session import workdir
 from kallichore_trio.session.client import ClientChannel, SessionSocket
 from kallichore_trio.session.executions import Executions
+from kallichore_trio.state import ProcessRef, RecordStore, SessionRecord
 from kallichore_trio.transport.websocket import ClientConnection
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,8 @@ class Session:
         on_activity: Callable[[], None] = lambda: None,
         on_traffic: Callable[[], None] = lambda: None,
         extra_env: Callable[[Session], dict[str, str]] = lambda _: {},
+        store: RecordStore | None = None,
+        key: str | None = None,
     ) -> None:
         self.model = model
         self.session_id = model.session_id
@@ -106,7 +110,12 @@ class Session:
         self.runtime_dir = runtime_dir
         self.on_activity = on_activity
         self.on_traffic = on_traffic
-        self.key = new_key()
+        self.key = key or new_key()
+        #: Where the session's record is kept for a successor daemon (None: nowhere).
+        self.store = store
+        #: The connection file of a kernel re-attached from a dead daemon (removed with it).
+        self.attached_connection_file: str | None = None
+        self._kernel_ref: ProcessRef | None = None
         self.protocol_version = model.protocol_version or "5.3"
         self.created = dt.datetime.now(dt.UTC)
         self.state = SessionState(idle_since=trio.current_time())
@@ -146,6 +155,7 @@ class Session:
                              else config.timeouts.default_connection),
             startup_environment=model.startup_environment,
             startup_environment_arg=model.startup_environment_arg,
+            output_files=store.paths(self.session_id)[1:] if store is not None else None,
         )
         #: Variables added to every kernel's environment (MCP's POSITRON_MCP_URL/TOKEN).
         self.extra_env = extra_env
@@ -258,15 +268,18 @@ class Session:
         self.emit(wire.output_event(stream, text), droppable=True)
 
     def on_kernel_exit(self, kernel: Kernel, code: int) -> None:
+        if kernel.attached is not None:
+            self.forget_connection_file()
         if kernel is not self.kernel or kernel.retrying:
             return  # a stale incarnation, or one about to be replaced on fresh ports
         reason = (
             "child process exited"
-            if kernel.process is not None
+            if kernel.process is not None or kernel.attached is not None
             else "all sockets disconnected from an adopted kernel"
         )
         self.set_status("exited", reason)
         self.emit(wire.exited_event(code))
+        self.persist()
 
     def on_spawn_failed(self, reason: str) -> None:
         self.set_status("exited", reason)
@@ -397,8 +410,20 @@ class Session:
             # other task of the session. Log it; the kernel's exit is already reported.
             log.exception("session %s: kernel task failed", self.session_id)
 
+    async def start_kernel_task(self, kernel: Kernel) -> None:
+        """Run `kernel` (already `self.kernel`) in the session's nursery until it answered
+        kernel_info (durable.reattach; start and adopt do the same inline)."""
+        assert self._nursery is not None
+        reply: dict[str, Any] = await self._nursery.start(self._run_kernel, kernel)
+        self._on_started(reply, parse_prompts=False)
+
+    @property
+    def lifecycle_lock(self) -> trio.Lock:
+        return self._lifecycle
+
     def _on_started(self, reply: dict[str, Any], *, parse_prompts: bool) -> None:
         self.kernel_info = reply
+        self._kernel_ref = None
         if parse_prompts:
             positron = (reply.get("language_info") or {}).get("positron") or {}
             if isinstance(positron.get("input_prompt"), str):
@@ -409,6 +434,51 @@ class Session:
         assert self._nursery is not None
         if self.kernel is not None and self._held:
             self._nursery.start_soon(self._flush_held, self.kernel)
+        self.persist()
+
+    # ---- the record a successor daemon takes over (state.py, durable.py) ------------------
+
+    def persist(self) -> None:
+        """Write the session's record, if it has a store. Not on the message path: called on
+        creation, kernel start or restart, and kernel exit."""
+        if self.store is None:
+            return
+        kernel = self.kernel
+        process: ProcessRef | None = None
+        connection_file = self.attached_connection_file
+        if kernel is not None and not kernel.exited.is_set():
+            if kernel.attached is not None:
+                process = kernel.attached
+            elif kernel.pid is not None:
+                if self._kernel_ref is None or self._kernel_ref.pid != kernel.pid:
+                    self._kernel_ref = ProcessRef.of(kernel.pid)
+                process = self._kernel_ref
+            if kernel.plan is not None:
+                connection_file = str(kernel.plan.connection_file)
+        self.store.write(SessionRecord(
+            session=self.model, key=self.key, owner=self.store.owner, created=self.created,
+            working_directory=self.working_directory, env=list(self.env_actions),
+            connection=self.connection, kernel=process, connection_file=connection_file,
+            kernel_info=self.kernel_info,
+        ))
+
+    def restore(self, record: SessionRecord) -> None:
+        """What a record kept besides the id, model and key (given to the constructor)."""
+        self.created = record.created
+        self.working_directory = record.working_directory
+        self.env_actions = list(record.env)
+        self.kernel_info = dict(record.kernel_info)
+        self.connection = record.connection
+        self.attached_connection_file = record.connection_file
+
+    def forget_connection_file(self) -> None:
+        """A re-attached kernel's connection file goes with it (a new kernel writes its own)."""
+        path, self.attached_connection_file = self.attached_connection_file, None
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     async def restart(self, working_directory: str | None, env: list[VarAction] | None) -> None:
         if self.restarting:

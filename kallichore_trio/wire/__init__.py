@@ -32,6 +32,7 @@ from kallichore_trio.wire.kallichore import (
     relay_frame,
     resource_usage_event,
     status_event,
+    supervisor_restarted_event,
     working_dir_changed_event,
 )
 
@@ -65,5 +66,6 @@ __all__ = [
     "relay_frame",
     "resource_usage_event",
     "status_event",
+    "supervisor_restarted_event",
     "working_dir_changed_event",
 ]

@@ -31,6 +31,7 @@ KERNEL_EVENTS = frozenset(
         "exited",
         "handshakeCompleted",
         "executionRequested",
+        "supervisorRestarted",
     }
 )
 
@@ -222,6 +223,14 @@ def resource_usage_event(usage: Mapping[str, Any]) -> str:
 
 def client_disconnected_event(reason: str) -> str:
     return kernel_event_frame("clientDisconnected", reason)
+
+
+def supervisor_restarted_event(previous_server_id: str, gap_ms: int) -> str:
+    """The first frame of a session a restarted daemon took over (docs/durability.md): the
+    kernel ran on while `gap_ms` passed without a supervisor, and what it published then is
+    lost."""
+    return kernel_event_frame("supervisorRestarted", {
+        "previous_server_id": previous_server_id, "gap_ms": int(gap_ms)})
 
 
 def exited_event(code: int) -> str:
