@@ -55,7 +55,6 @@ class Timeouts:
     execute: float = 300.0  # one execution
     stop: float = 30.0  # a killed kernel to exit
     interrupted: float = 10.0  # an interrupted execution to end (its reply and idle)
-    stdin_try: float = 1.0  # AsyncSession.wait_for_stdin: one try
 
 
 class AsyncClient:

@@ -234,8 +234,6 @@ def kernel_session(kc_client: Client, request: pytest.FixtureRequest) -> Iterato
     name = _kernel_name(request)
     session = kc_client.start_kernel(name, env=KERNEL_ENV if name is None else None)
     _track(request, session)
-    if session.info().language == "python":
-        session.wait_for_stdin()  # see AsyncSession.wait_for_stdin
     try:
         yield session
     finally:
@@ -258,8 +256,6 @@ async def async_kernel_session(kc_async_client: AsyncClient, request: pytest.Fix
     name = _kernel_name(request)
     session = await kc_async_client.start_kernel(name, env=KERNEL_ENV if name is None else None)
     _track(request, session)
-    if (await session.info()).language == "python":
-        await session.wait_for_stdin()
     try:
         yield session
     finally:

@@ -473,25 +473,6 @@ class AsyncSession:
         except (ExecutionTimeout, InputNotAnswered):
             pass
 
-    async def wait_for_stdin(self, timeout: float | None = None) -> None:
-        """Python kernels: return once a prompt for input reaches this client.
-
-        Works around a daemon race (see docs/client.md, "Known issues"): right after start,
-        the daemon's stdin socket may not be connected to the kernel yet, and the kernel then
-        drops its `input_request`, so the cell waits forever. This runs a silent `input()`
-        until its prompt arrives, each try bounded by `Timeouts.stdin_try`."""
-        timeout = self._timeout(timeout, "reply")
-        with trio.move_on_after(timeout):
-            while True:
-                try:
-                    await self.execute("input()", input=[""], silent=True, store_history=False,
-                                       timeout=self._timeout(None, "stdin_try"))
-                    return
-                except ExecutionTimeout:
-                    continue  # the prompt was dropped; the kernel was interrupted: try again
-        raise ClientTimeout(f"session {self.id}: no input_request reached the client within "
-                            f"{timeout:g} s")
-
     async def kernel_info(self, timeout: float | None = None) -> dict[str, Any]:
         return (await self.call("kernel_info_request", {}, timeout=timeout)).content
 

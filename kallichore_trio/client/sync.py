@@ -273,8 +273,6 @@ class Session:
     def is_complete(self, code: str, **kw: Any) -> dict[str, Any]:
         return self._run(self.asession.is_complete, code, **kw)
 
-    def wait_for_stdin(self, timeout: float | None = None) -> None:
-        self._run(self.asession.wait_for_stdin, timeout)
 
     def kernel_info(self, **kw: Any) -> dict[str, Any]:
         return self._run(self.asession.kernel_info, **kw)

@@ -94,7 +94,6 @@ async def test_stream_yields_the_requests_messages_until_it_is_done(
 async def test_input_requests_are_answered_from_a_list_or_a_callback(
     kernel: AsyncSession,
 ) -> None:
-    await kernel.wait_for_stdin()  # the daemon's stdin race: docs/client.md, "Known issues"
     code = "a = input('first? ')\nb = input('second? ')\nprint(a + '+' + b)"
     assert (await kernel.execute(code, input=["x", "y"])).stdout.endswith("x+y\n")
     prompts: list[str] = []
@@ -111,7 +110,6 @@ async def test_input_requests_are_answered_from_a_list_or_a_callback(
 async def test_input_answers_running_out_is_an_error_and_the_kernel_recovers(
     kernel: AsyncSession,
 ) -> None:
-    await kernel.wait_for_stdin()
     with pytest.raises(InputNotAnswered, match="second"):
         await kernel.execute("input('first? '); input('second? ')", input=["only"])
     assert (await kernel.execute("print('alive')")).stdout == "alive\n"
