@@ -24,6 +24,7 @@ from kallichore_trio.models import NewSession, ServerStatus
 from kallichore_trio.session import durable
 from kallichore_trio.session.session import Session
 from kallichore_trio.state import TOUCH_PERIOD, RecordStore
+from kallichore_trio.timers import next_multiple
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class SessionRegistry:
     async def _touch_records(self) -> None:
         assert self.store is not None
         while True:
-            await trio.sleep(TOUCH_PERIOD)
+            await trio.sleep_until(next_multiple(TOUCH_PERIOD))
             self.store.touch()
 
     def get(self, session_id: str, *, details: str | None = None) -> Session:

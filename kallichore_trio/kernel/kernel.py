@@ -399,7 +399,11 @@ class Kernel:
                     continue
                 if self._process_gone.is_set():
                     break
-                with trio.move_on_after(wait):
+                # Once quiet, on the shared grid (timers.py): every session's followers then
+                # wake in one scheduler round instead of one round each.
+                deadline = (next_multiple(FOLLOW_MAX) if wait >= FOLLOW_MAX
+                            else trio.current_time() + wait)
+                with trio.move_on_at(deadline):
                     await self._process_gone.wait()
                 wait = min(wait * 2, FOLLOW_MAX)
             if pending:
