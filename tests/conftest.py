@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +26,14 @@ async def daemon(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Running
     config = daemon_config(tmp_path)
     async for running in running_daemon(nursery, config):
         yield running
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: a Unix socket path must fit in sun_path (104 bytes on
+    macOS, 108 on Linux), and pytest's tmp_path may not leave room for one."""
+    d = Path(tempfile.mkdtemp(prefix="kc-", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

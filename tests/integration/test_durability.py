@@ -9,9 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,15 +39,6 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def dirs() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="kcd-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
 def kernel_pids() -> Iterator[set[int]]:
     """Kernel pids a test saw: killed at the end, so that a failure leaves no kernel behind."""
     pids: set[int] = set()
@@ -62,11 +51,11 @@ def kernel_pids() -> Iterator[set[int]]:
 
 
 @contextlib.asynccontextmanager
-async def daemon(dirs: Path, name: str, transport: str = "tcp") -> AsyncIterator[Server]:
-    work = dirs / name
+async def daemon(short_dir: Path, name: str, transport: str = "tcp") -> AsyncIterator[Server]:
+    work = short_dir / name
     work.mkdir()
     args = ["--connection-file", str(work / "conn.json"), "--transport", transport,
-            "--state-dir", str(dirs / "state"), "--log-level", "debug"]
+            "--state-dir", str(short_dir / "state"), "--log-level", "debug"]
     async with launch(args, work) as server:
         yield server
 
@@ -143,23 +132,23 @@ async def channel(server: Server, session_id: str) -> AsyncIterator[Any]:
             yield ws
 
 
-def records(dirs: Path) -> list[str]:
-    return sorted(p.name for p in (dirs / "state").iterdir())
+def records(short_dir: Path) -> list[str]:
+    return sorted(p.name for p in (short_dir / "state").iterdir())
 
 
 @pytest.mark.parametrize("transport", ["tcp", "socket"])
-async def test_kernels_survive_a_crash_and_are_reattached(dirs: Path, kernel_pids: set[int],
+async def test_kernels_survive_a_crash_and_are_reattached(short_dir: Path, kernel_pids: set[int],
                                                           transport: str) -> None:
-    async with daemon(dirs, "a", transport) as first:
+    async with daemon(short_dir, "a", transport) as first:
         pid1 = await create_started(first, "py-1", kernel_pids, interrupt_mode="signal")
         pid2 = await create_started(first, "py-2", kernel_pids)
         async with channel(first, "py-1") as ws:
             await run(ws, "x = 42")
-        assert len([r for r in records(dirs) if r.endswith(".json")]) == 2
+        assert len([r for r in records(short_dir) if r.endswith(".json")]) == 2
         await crash(first)
     assert not process_gone(pid1) and not process_gone(pid2)
 
-    async with daemon(dirs, "b", transport) as second:
+    async with daemon(short_dir, "b", transport) as second:
         listed = await sessions(second)
         assert set(listed) == {"py-1", "py-2"}
         for sid, pid in (("py-1", pid1), ("py-2", pid2)):
@@ -231,20 +220,20 @@ async def test_kernels_survive_a_crash_and_are_reattached(dirs: Path, kernel_pid
         new_pid = session["process_id"]
         await stop(second, "sigterm")
     assert process_gone(new_pid)
-    assert records(dirs) == []
+    assert records(short_dir) == []
 
 
-async def test_a_kernel_that_died_unsupervised_is_exited(dirs: Path,
+async def test_a_kernel_that_died_unsupervised_is_exited(short_dir: Path,
                                                          kernel_pids: set[int]) -> None:
-    async with daemon(dirs, "a") as first:
+    async with daemon(short_dir, "a") as first:
         pid = await create_started(first, "py-dead", kernel_pids)
         await crash(first)
     os.killpg(pid, signal.SIGKILL)
     await wait_process_gone(pid)
     # A record that is not one is moved aside, and does not stop the daemon.
-    (dirs / "state" / "junk.json").write_text("{ not a record")
-    async with daemon(dirs, "b") as second:
-        assert (dirs / "state" / "junk.json.bad").exists()
+    (short_dir / "state" / "junk.json").write_text("{ not a record")
+    async with daemon(short_dir, "b") as second:
+        assert (short_dir / "state" / "junk.json.bad").exists()
         session = await wait_status(second, "py-dead", "exited")
         assert session.get("process_id") is None
         async with second.client() as http:
@@ -259,25 +248,25 @@ async def test_a_kernel_that_died_unsupervised_is_exited(dirs: Path,
             # ... and deletable, which removes its record.
             response = await http.delete("/sessions/py-dead")
             assert response.status_code == 200, response.text
-        assert records(dirs) == ["junk.json.bad"]
+        assert records(short_dir) == ["junk.json.bad"]
         await stop(second, "shutdown")
 
 
-async def test_a_live_daemon_keeps_its_sessions(dirs: Path, kernel_pids: set[int]) -> None:
-    async with daemon(dirs, "a") as first:
+async def test_a_live_daemon_keeps_its_sessions(short_dir: Path, kernel_pids: set[int]) -> None:
+    async with daemon(short_dir, "a") as first:
         pid = await create_started(first, "py-live", kernel_pids)
-        async with daemon(dirs, "b") as second:
+        async with daemon(short_dir, "b") as second:
             assert await sessions(second) == {}
             await stop(second, "sigterm")
         session = await wait_status(first, "py-live", "idle")
         assert session["process_id"] == pid
         await stop(first, "sigterm")
     assert process_gone(pid)
-    assert records(dirs) == []
+    assert records(short_dir) == []
 
 
-async def test_an_unusable_state_dir_stops_the_start(dirs: Path) -> None:
-    blocker = dirs / "not-a-dir"
+async def test_an_unusable_state_dir_stops_the_start(short_dir: Path) -> None:
+    blocker = short_dir / "not-a-dir"
     blocker.write_text("")
     with trio.fail_after(STARTUP_TIMEOUT):
         result = await trio.run_process(
@@ -287,10 +276,10 @@ async def test_an_unusable_state_dir_stops_the_start(dirs: Path) -> None:
     assert str(blocker / "state").encode() in result.stderr
 
 
-async def test_two_daemons_starting_at_once_split_the_orphans(dirs: Path,
+async def test_two_daemons_starting_at_once_split_the_orphans(short_dir: Path,
                                                               kernel_pids: set[int]) -> None:
     ids = [f"py-{i}" for i in range(4)]
-    async with daemon(dirs, "a") as first:
+    async with daemon(short_dir, "a") as first:
         pids = {sid: await create_started(first, sid, kernel_pids) for sid in ids}
         await crash(first)
     # Both processes are started at the same moment and scan the state dir concurrently.
@@ -298,7 +287,7 @@ async def test_two_daemons_starting_at_once_split_the_orphans(dirs: Path,
     both_up, checked = trio.Event(), trio.Event()
 
     async def run_daemon(name: str) -> None:
-        async with daemon(dirs, name) as server:
+        async with daemon(short_dir, name) as server:
             servers[name] = server
             if len(servers) == 2:
                 both_up.set()
@@ -320,4 +309,4 @@ async def test_two_daemons_starting_at_once_split_the_orphans(dirs: Path,
         checked.set()
     for pid in pids.values():
         assert process_gone(pid)
-    assert records(dirs) == []
+    assert records(short_dir) == []

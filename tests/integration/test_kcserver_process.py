@@ -9,8 +9,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -34,16 +32,6 @@ from tests.helpers import (
 pytestmark = pytest.mark.skipif(
     not KCSERVER.exists(), reason="kcserver is not installed: pip install -e '.[test]'"
 )
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # Unix socket paths must stay under 104 bytes; pytest's tmp_path may not.
-    d = Path(tempfile.mkdtemp(prefix="kcp-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 async def check_status(server: Server) -> None:

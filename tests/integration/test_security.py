@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
@@ -193,15 +193,6 @@ async def test_status_needs_no_token_and_says_no_more(daemon: RunningDaemon) -> 
         assert json.loads(answer.body)["server_id"] == daemon.config.server_id
     assert (await tcp(daemon, "HEAD", "/status", token=None)).status == 200
     expect_401(await tcp(daemon, "POST", "/status", token=None), "POST /status")
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="kcsec-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @attrs.frozen

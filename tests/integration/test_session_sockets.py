@@ -7,10 +7,8 @@ Every client here connects the way Positron does: an HTTP upgrade on the per-ses
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -41,18 +39,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    # pytest's tmp_path can exceed sun_path's 104 bytes; sockets need a short directory.
-    d = Path(tempfile.mkdtemp(prefix="kcss-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-async def unix_daemon(nursery: trio.Nursery, sock_dir: Path) -> AsyncIterator[RunningDaemon]:
-    async with running_unix_daemon(nursery, daemon_config(sock_dir, transport="socket")) as d:
+async def unix_daemon(nursery: trio.Nursery, short_dir: Path) -> AsyncIterator[RunningDaemon]:
+    async with running_unix_daemon(nursery, daemon_config(short_dir, transport="socket")) as d:
         yield d
 
 
@@ -160,9 +148,9 @@ class Transport:
 
 @pytest.fixture(params=["tcp", "socket"])
 async def transport(
-    request: pytest.FixtureRequest, nursery: trio.Nursery, sock_dir: Path
+    request: pytest.FixtureRequest, nursery: trio.Nursery, short_dir: Path
 ) -> AsyncIterator[Transport]:
-    config = daemon_config(sock_dir, transport=request.param)
+    config = daemon_config(short_dir, transport=request.param)
     if request.param == "tcp":
         async for daemon in running_daemon(nursery, config):
             yield Transport(daemon)
@@ -215,7 +203,7 @@ async def test_asking_for_the_path_again_leaves_the_connected_client_alone(
 
 
 async def test_listener_cleanup_spares_a_socket_that_reuses_its_inode(
-    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The race behind the lost sockets, driven step by step.
 
@@ -228,8 +216,8 @@ async def test_listener_cleanup_spares_a_socket_that_reuses_its_inode(
     (a hard link to the old inode gives the path the same (st_dev, st_ino) a recycled number
     would), whatever the filesystem.
     """
-    path = sock_dir / "s.sock"
-    keep = sock_dir / "old-inode"
+    path = short_dir / "s.sock"
+    keep = short_dir / "old-inode"
     real_aclose = trio.SocketListener.aclose
     closed = trio.Event()
 
@@ -302,10 +290,10 @@ async def test_a_socket_file_removed_from_outside_is_bound_anew(
 
 
 async def test_a_failed_bind_is_domain_socket_error_and_leaves_nothing_behind(
-    nursery: trio.Nursery, sock_dir: Path
+    nursery: trio.Nursery, short_dir: Path
 ) -> None:
-    missing = sock_dir / "later"
-    config = daemon_config(sock_dir, transport="socket", unix_socket=sock_dir / "main.sock",
+    missing = short_dir / "later"
+    config = daemon_config(short_dir, transport="socket", unix_socket=short_dir / "main.sock",
                            socket_dir=missing)
     async with running_unix_daemon(nursery, config) as daemon:
         session_id = await daemon.create()
@@ -328,9 +316,9 @@ async def test_a_failed_bind_is_domain_socket_error_and_leaves_nothing_behind(
 
 
 async def test_a_socket_dir_too_long_for_sun_path_is_socket_path_too_long(
-    nursery: trio.Nursery, sock_dir: Path
+    nursery: trio.Nursery, short_dir: Path
 ) -> None:
-    config = daemon_config(sock_dir, transport="socket", unix_socket=sock_dir / "main.sock",
+    config = daemon_config(short_dir, transport="socket", unix_socket=short_dir / "main.sock",
                            socket_dir=Path("/" + "d" * unix.MAX_SOCKET_PATH_BYTES))
     async with running_unix_daemon(nursery, config) as daemon:
         session_id = await daemon.create()

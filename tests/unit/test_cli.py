@@ -6,11 +6,8 @@ import io
 import json
 import logging
 import re
-import shutil
 import socket
 import stat
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +22,6 @@ from kallichore_trio.config import KALLICHORE_VERSION, Config
 def parse(*argv: str, environ: dict[str, str] | None = None) -> Config:
     ns = cli.build_parser().parse_args(list(argv))
     return cli.config_from_args(ns, environ or {}, err=io.StringIO())
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="kccli-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize(
@@ -205,12 +193,12 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
         assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", out), flag
 
 
-def test_prepare_paths_creates_parents(sock_dir: Path) -> None:
-    config = parse("--unix-socket", str(sock_dir / "a" / "b" / "api.sock"),
-                   "--socket-dir", str(sock_dir / "socks"))
+def test_prepare_paths_creates_parents(short_dir: Path) -> None:
+    config = parse("--unix-socket", str(short_dir / "a" / "b" / "api.sock"),
+                   "--socket-dir", str(short_dir / "socks"))
     cli.prepare_paths(config)
-    assert (sock_dir / "a" / "b").is_dir()
-    assert (sock_dir / "socks").is_dir()
+    assert (short_dir / "a" / "b").is_dir()
+    assert (short_dir / "socks").is_dir()
 
 
 def test_log_format_levels_and_truncation(tmp_path: Path) -> None:
@@ -304,8 +292,8 @@ async def test_serve_connection_file_keeps_token_off_stdout(tmp_path: Path) -> N
     assert stat.S_IMODE(conn.stat().st_mode) == 0o600
 
 
-async def test_serve_handshake(sock_dir: Path) -> None:
-    path = sock_dir / "hs.sock"
+async def test_serve_handshake(short_dir: Path) -> None:
+    path = short_dir / "hs.sock"
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await listener.bind(str(path))
     listener.listen(1)
@@ -329,8 +317,8 @@ async def test_serve_handshake(sock_dir: Path) -> None:
     assert "hs-token" not in out.getvalue()
 
 
-async def test_serve_handshake_failure_stops_daemon(sock_dir: Path) -> None:
-    config = Config(transport="socket", handshake_socket=sock_dir / "nobody.sock")
+async def test_serve_handshake_failure_stops_daemon(short_dir: Path) -> None:
+    config = Config(transport="socket", handshake_socket=short_dir / "nobody.sock")
     daemon = fake_daemon(FakeAddress("socket", socket_path="/tmp/x.sock"), forever=True)
     with trio.fail_after(5):
         assert await cli.serve(config, daemon, io.StringIO()) == 1

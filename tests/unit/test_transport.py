@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import socket
 import stat
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -61,17 +60,6 @@ from kallichore_trio.transport.websocket import (
     WsprotoConnection,
     accept_websocket,
 )
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    # pytest's tmp_path can exceed sun_path's 104 bytes; sockets need a short directory.
-    d = Path(tempfile.mkdtemp(prefix="kcws-", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
 
 Handler = Callable[[ClientConnection], Awaitable[None]]
 TOKEN = "wsconn-token"
@@ -153,8 +141,8 @@ class Client:
         await self.stream.aclose()
 
 
-async def test_http_upgrade_on_any_path_with_httpx_ws(sock_dir: Path) -> None:
-    path = sock_dir / "s.sock"
+async def test_http_upgrade_on_any_path_with_httpx_ws(short_dir: Path) -> None:
+    path = short_dir / "s.sock"
     async with serving(path, echo):
         transport = httpx.AsyncHTTPTransport(uds=str(path))
         async with httpx.AsyncClient(transport=transport) as http:
@@ -164,8 +152,8 @@ async def test_http_upgrade_on_any_path_with_httpx_ws(sock_dir: Path) -> None:
                 assert await ws.receive_text() == '{"hello": "world"}'
 
 
-async def test_upgrade_ignores_path_and_host(sock_dir: Path) -> None:
-    path = sock_dir / "s.sock"
+async def test_upgrade_ignores_path_and_host(short_dir: Path) -> None:
+    path = short_dir / "s.sock"
     async with serving(path, echo):
         client = await Client.upgrade(path, target="/whatever/else?x=1")
         await client.send(TextMessage(data="ping"))
@@ -173,8 +161,8 @@ async def test_upgrade_ignores_path_and_host(sock_dir: Path) -> None:
         await client.aclose()
 
 
-async def test_frames_pipelined_after_the_request_are_kept(sock_dir: Path) -> None:
-    path = sock_dir / "s.sock"
+async def test_frames_pipelined_after_the_request_are_kept(short_dir: Path) -> None:
+    path = short_dir / "s.sock"
     early = Connection(ConnectionType.CLIENT).send(TextMessage(data="early"))
     async with serving(path, echo):
         client = await Client.upgrade(path, trailing=early)
@@ -183,7 +171,7 @@ async def test_frames_pipelined_after_the_request_are_kept(sock_dir: Path) -> No
 
 
 async def test_raw_framing_without_handshake_is_refused(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="kallichore_trio.transport.unix")
     handled = []
@@ -191,7 +179,7 @@ async def test_raw_framing_without_handshake_is_refused(
     async def record(conn: ClientConnection) -> None:
         handled.append(conn)
 
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, record):
         client = await Client.raw(path)
         await client.send(TextMessage(data="no handshake"))
@@ -203,11 +191,11 @@ async def test_raw_framing_without_handshake_is_refused(
                for r in caplog.records if r.levelno == logging.DEBUG)
 
 
-async def test_silent_client_is_dropped_after_the_handshake_timeout(sock_dir: Path) -> None:
+async def test_silent_client_is_dropped_after_the_handshake_timeout(short_dir: Path) -> None:
     async def greet(conn: ClientConnection) -> None:
         raise AssertionError("a client that said nothing was let in")
 
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, greet, handshake=0.2):
         client = await Client.raw(path)
         with trio.fail_after(5):
@@ -226,9 +214,9 @@ async def test_silent_client_is_dropped_after_the_handshake_timeout(sock_dir: Pa
     ],
 )
 async def test_upgrade_without_the_token_or_from_a_page_is_refused(
-    sock_dir: Path, headers: list[tuple[str, str]], status: int, body: bytes
+    short_dir: Path, headers: list[tuple[str, str]], status: int, body: bytes
 ) -> None:
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, echo):
         stream = await trio.open_unix_socket(path)
         ws = WSConnection(ConnectionType.CLIENT)
@@ -245,9 +233,9 @@ async def test_upgrade_without_the_token_or_from_a_page_is_refused(
     assert TOKEN.encode() not in data
 
 
-async def test_a_refused_upgrade_is_refused_before_it_is_validated(sock_dir: Path) -> None:
+async def test_a_refused_upgrade_is_refused_before_it_is_validated(short_dir: Path) -> None:
     """No token, and not a WebSocket upgrade either: 401, not 400."""
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, echo):
         stream = await trio.open_unix_socket(path)
         await stream.send_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n\r\n")
@@ -266,7 +254,7 @@ async def test_accept_websocket_raises_upgrade_refused() -> None:
         await accept_websocket(right, authorize=authorize, handshake_timeout=5)
 
 
-async def test_empty_text_frame_closes(sock_dir: Path) -> None:
+async def test_empty_text_frame_closes(short_dir: Path) -> None:
     results: list[str | None] = []
     done = trio.Event()
 
@@ -275,7 +263,7 @@ async def test_empty_text_frame_closes(sock_dir: Path) -> None:
         results.append(await conn.receive_text())
         done.set()
 
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, record):
         client = await Client.upgrade(path)
         await client.send(TextMessage(data="first"))
@@ -288,14 +276,14 @@ async def test_empty_text_frame_closes(sock_dir: Path) -> None:
         await client.aclose()
 
 
-async def test_client_close_frame_and_eof(sock_dir: Path) -> None:
+async def test_client_close_frame_and_eof(short_dir: Path) -> None:
     send, receive = trio.open_memory_channel[list[str | None]](2)
 
     async def record(conn: ClientConnection) -> None:
         # The second call checks that it stays None after the close.
         await send.send([await conn.receive_text(), await conn.receive_text()])
 
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, record):
         client = await Client.upgrade(path)
         await client.send(CloseConnection(code=1000))
@@ -311,7 +299,7 @@ async def test_client_close_frame_and_eof(sock_dir: Path) -> None:
             assert await receive.receive() == [None, None]
 
 
-async def test_server_close_sends_close_without_code(sock_dir: Path) -> None:
+async def test_server_close_sends_close_without_code(short_dir: Path) -> None:
     gone: list[bool] = []
     finished = trio.Event()
 
@@ -324,7 +312,7 @@ async def test_server_close_sends_close_without_code(sock_dir: Path) -> None:
             gone.append(True)
         finished.set()
 
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, close_now):
         client = await Client.upgrade(path)
         with trio.fail_after(5):
@@ -336,7 +324,7 @@ async def test_server_close_sends_close_without_code(sock_dir: Path) -> None:
         await client.aclose()
 
 
-async def test_ping_pong_both_ways(sock_dir: Path) -> None:
+async def test_ping_pong_both_ways(short_dir: Path) -> None:
     pongs: list[bytes | None] = []
 
     async def pinger(conn: ClientConnection) -> None:
@@ -347,7 +335,7 @@ async def test_ping_pong_both_ways(sock_dir: Path) -> None:
         pongs.append(conn.last_pong)
         await conn.receive_text()
 
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, pinger):
         client = await Client.upgrade(path)
         with trio.fail_after(5):
@@ -363,8 +351,8 @@ async def test_ping_pong_both_ways(sock_dir: Path) -> None:
         await client.aclose()
 
 
-async def test_binary_messages_are_skipped(sock_dir: Path) -> None:
-    path = sock_dir / "s.sock"
+async def test_binary_messages_are_skipped(short_dir: Path) -> None:
+    path = short_dir / "s.sock"
     async with serving(path, echo):
         client = await Client.upgrade(path)
         await client.send(BytesMessage(data=b"\x00\x01"))
@@ -373,7 +361,7 @@ async def test_binary_messages_are_skipped(sock_dir: Path) -> None:
         await client.aclose()
 
 
-async def test_concurrent_senders_do_not_interleave(sock_dir: Path) -> None:
+async def test_concurrent_senders_do_not_interleave(short_dir: Path) -> None:
     async def flood(conn: ClientConnection) -> None:
         async def sender(k: int) -> None:
             for i in range(50):
@@ -384,7 +372,7 @@ async def test_concurrent_senders_do_not_interleave(sock_dir: Path) -> None:
                 nursery.start_soon(sender, k)
         await conn.receive_text()
 
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, flood):
         client = await Client.upgrade(path)
         seen: dict[int, list[int]] = {k: [] for k in range(10)}
@@ -397,9 +385,9 @@ async def test_concurrent_senders_do_not_interleave(sock_dir: Path) -> None:
         await client.aclose()
 
 
-async def test_large_messages_both_ways(sock_dir: Path) -> None:
+async def test_large_messages_both_ways(short_dir: Path) -> None:
     big = "é" + "0123456789abcdef" * (2 * 1024 * 1024)  # ~32 MB, non-ASCII start
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, echo):
         client = await Client.upgrade(path)
         with trio.fail_after(60):
@@ -409,7 +397,7 @@ async def test_large_messages_both_ways(sock_dir: Path) -> None:
 
 
 async def test_handler_error_does_not_stop_listener(
-    sock_dir: Path, caplog: pytest.LogCaptureFixture
+    short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     calls = 0
 
@@ -420,7 +408,7 @@ async def test_handler_error_does_not_stop_listener(
             raise RuntimeError("boom")
         await echo(conn)
 
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, flaky):
         first = await Client.upgrade(path)
         with trio.fail_after(5):
@@ -433,8 +421,8 @@ async def test_handler_error_does_not_stop_listener(
     assert any("boom" in (r.exc_text or "") for r in caplog.records if r.levelno >= logging.ERROR)
 
 
-async def test_bad_upgrade_request_is_rejected(sock_dir: Path) -> None:
-    path = sock_dir / "s.sock"
+async def test_bad_upgrade_request_is_rejected(short_dir: Path) -> None:
+    path = short_dir / "s.sock"
     async with serving(path, echo):
         stream = await trio.open_unix_socket(path)
         await stream.send_all(b"GET /x HTTP/1.1\r\nHost: localhost\r\n"
@@ -447,8 +435,8 @@ async def test_bad_upgrade_request_is_rejected(sock_dir: Path) -> None:
         await stream.aclose()
 
 
-async def test_socket_mode_stale_file_and_cleanup(sock_dir: Path) -> None:
-    path = sock_dir / "s.sock"
+async def test_socket_mode_stale_file_and_cleanup(short_dir: Path) -> None:
+    path = short_dir / "s.sock"
     path.write_text("stale")
     async with serving(path, echo):
         mode = path.lstat().st_mode
@@ -457,8 +445,8 @@ async def test_socket_mode_stale_file_and_cleanup(sock_dir: Path) -> None:
     assert not path.exists()
 
 
-async def test_cleanup_spares_a_replacement_socket(sock_dir: Path) -> None:
-    path = sock_dir / "s.sock"
+async def test_cleanup_spares_a_replacement_socket(short_dir: Path) -> None:
+    path = short_dir / "s.sock"
     async with serving(path, echo):
         # Another listener took the path over (a new channels call for the same session).
         path.unlink()
@@ -576,8 +564,8 @@ def test_write_connection_file_atomic_0600(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["conn.json"]  # no temp file left
 
 
-async def test_send_handshake(sock_dir: Path) -> None:
-    path = sock_dir / "hs.sock"
+async def test_send_handshake(short_dir: Path) -> None:
+    path = short_dir / "hs.sock"
     doc = connection_document(Config(token="tok"), TCP)
     listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     await listener.bind(str(path))
@@ -599,29 +587,29 @@ async def test_send_handshake(sock_dir: Path) -> None:
     assert json.loads(received) == doc
 
 
-async def test_send_handshake_nobody_listening(sock_dir: Path) -> None:
+async def test_send_handshake_nobody_listening(short_dir: Path) -> None:
     doc = connection_document(Config(), TCP)
     with pytest.raises(HandshakeError, match="handshake socket"):
-        await send_handshake(sock_dir / "missing.sock", doc, timeout=5)
+        await send_handshake(short_dir / "missing.sock", doc, timeout=5)
     # Bound but not listening: refused.
-    path = sock_dir / "bound.sock"
+    path = short_dir / "bound.sock"
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))
         with pytest.raises(HandshakeError):
             await send_handshake(path, doc, timeout=5)
 
 
-async def test_send_handshake_timeout(monkeypatch: pytest.MonkeyPatch, sock_dir: Path) -> None:
+async def test_send_handshake_timeout(monkeypatch: pytest.MonkeyPatch, short_dir: Path) -> None:
     async def hang(path: str) -> trio.SocketStream:
         await trio.sleep_forever()
         raise AssertionError
 
     monkeypatch.setattr(trio, "open_unix_socket", hang)
     with pytest.raises(HandshakeError, match="timed out"):
-        await send_handshake(sock_dir / "x.sock", {}, timeout=0.05)
+        await send_handshake(short_dir / "x.sock", {}, timeout=0.05)
 
 
-async def test_send_to_a_vanished_peer_raises_client_gone(sock_dir: Path) -> None:
+async def test_send_to_a_vanished_peer_raises_client_gone(short_dir: Path) -> None:
     """Writes go to the socket directly when it has room; the OS error of a peer that has
     gone (EPIPE, ECONNRESET) must come out as ClientGone like trio's own errors do."""
     outcome: list[str] = []
@@ -639,7 +627,7 @@ async def test_send_to_a_vanished_peer_raises_client_gone(sock_dir: Path) -> Non
             outcome.append("gone")
         done.set()
 
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, writer):
         client = await Client.upgrade(path)
         await client.aclose()
@@ -649,7 +637,7 @@ async def test_send_to_a_vanished_peer_raises_client_gone(sock_dir: Path) -> Non
         assert outcome == ["gone"]
 
 
-async def test_send_cancelled_mid_frame_marks_connection_gone(sock_dir: Path) -> None:
+async def test_send_cancelled_mid_frame_marks_connection_gone(short_dir: Path) -> None:
     outcome: list[str] = []
     done = trio.Event()
 
@@ -664,7 +652,7 @@ async def test_send_cancelled_mid_frame_marks_connection_gone(sock_dir: Path) ->
             outcome.append("gone")
         done.set()
 
-    path = sock_dir / "s.sock"
+    path = short_dir / "s.sock"
     async with serving(path, slow_reader_victim):
         client = await Client.upgrade(path)
         with trio.fail_after(10):
@@ -676,8 +664,8 @@ async def test_send_cancelled_mid_frame_marks_connection_gone(sock_dir: Path) ->
 # ---- bind_unix -----------------------------------------------------------------------------
 
 
-def test_bind_unix_is_0600_whatever_the_umask_and_replaces_a_stale_file(sock_dir: Path) -> None:
-    path = sock_dir / "s.sock"
+def test_bind_unix_is_0600_whatever_the_umask_and_replaces_a_stale_file(short_dir: Path) -> None:
+    path = short_dir / "s.sock"
     path.write_text("stale")
     old_umask = os.umask(0)
     try:
@@ -689,10 +677,10 @@ def test_bind_unix_is_0600_whatever_the_umask_and_replaces_a_stale_file(sock_dir
         assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
         with socket.socket(socket.AF_UNIX) as client:
             client.connect(str(path))  # listening
-    (sock_dir / "d").mkdir()
+    (short_dir / "d").mkdir()
     with pytest.raises(OSError):
-        bind_unix(sock_dir / "d")  # a directory is never taken for a stale socket
-    assert (sock_dir / "d").is_dir()
+        bind_unix(short_dir / "d")  # a directory is never taken for a stale socket
+    assert (short_dir / "d").is_dir()
 
 
 # ---- the connection's lifecycle -------------------------------------------------------------
