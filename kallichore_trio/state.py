@@ -98,6 +98,9 @@ class SessionRecord:
     #: The kernel's connection file, removed when the session ends.
     connection_file: str | None = None
     kernel_info: dict[str, Any] = attrs.field(factory=dict)
+    #: Sequence numbers up to this one may have been sent to a client: a successor numbers
+    #: its frames above it (docs/durability.md, resume).
+    seq_reserved: int = 0
 
 
 def dumps(record: SessionRecord) -> bytes:

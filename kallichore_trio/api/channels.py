@@ -7,7 +7,8 @@ Unix socket, bound on the first call and kept until the session ends; it accepts
 HTTP upgrade on any path, carrying the bearer token) and serves it the same way
 (transport/unix.py). Both upgrades are authorized before anything else (the guard hooks of
 api/__init__.py and the listener's `authorize`, security.py). On both, a client is evicted when
-the next one connects (serve_client).
+the next one connects (serve_client), and a client may ask to resume with `?resume=N` on its
+upgrade request (docs/durability.md); a bad value is refused with 400 before the upgrade.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from quart import Quart, Response, websocket
 
+from kallichore_trio import wire
 from kallichore_trio.api.responses import error_response, json_response
 from kallichore_trio.errors import SessionNotFound, SocketPathError
 from kallichore_trio.session.session import Session
@@ -49,6 +51,10 @@ def register(app: Quart, daemon: Daemon) -> None:
         except SessionNotFound as exc:
             # 400, not 404, as the reference answers an upgrade for an unknown session.
             return json_response(exc.to_dict(), 400)
+        try:
+            resume = wire.parse_resume(websocket.args.getlist("resume"))
+        except wire.ResumeError as exc:
+            return json_response({"code": "400", "message": str(exc)}, 400)
         handover = websocket.scope["extensions"].get(EXTENSION)
         if handover is None:  # Hypercorn without hypercorn_ext.install(): not supported
             return json_response(
@@ -60,7 +66,7 @@ def register(app: Quart, daemon: Daemon) -> None:
             log.debug("session %s: client left during the WebSocket upgrade", session_id)
             return None
         try:
-            await session.serve_client(conn)
+            await session.serve_client(conn, resume=resume)
         finally:
             await conn.close()
         return None

@@ -1,9 +1,18 @@
 """Frames on their way to a session's client: bounded, ordered, sequence-numbered. Pure.
 
 Every frame the session produces (relayed kernel messages and supervisor events) is appended
-here with the next sequence number. A client reads from its cursor and acknowledges what it
-wrote; acknowledged frames are released. While no client is connected frames accumulate, and
-the next client receives them in order (the reference's "buffered while disconnected").
+here with the next sequence number (a session's first frame is 1). While no client is
+connected frames accumulate, and the next client receives them in order (the reference's
+"buffered while disconnected"). Two ways to read:
+
+- `read` + `ack`: the oldest frames still held; the writer releases what it wrote (a client
+  that does not resume).
+- `read_after(cursor)`: the frames after a client's cursor, with the ranges no longer held
+  reported as `Lost`; frames are released only by the client's own acknowledgement (`ack`), so
+  frames written to a connection that broke are still here for the next one (resume,
+  docs/durability.md). Numbers below `first_seq` belong to a predecessor daemon and are lost;
+  that range is reported after the first frame (the `supervisorRestarted` event) when the
+  outbox still holds it.
 
 Bounds: `max_frames` and `max_bytes`. Past them the oldest *droppable* frame goes first (stream
 output, process output, resource samples: things that are superseded or repeated); status
@@ -35,6 +44,23 @@ class OutboxStatistics:
 
 
 @attrs.frozen
+class Lost:
+    """Frames `first`..`last` (inclusive) are not held any more."""
+
+    first: int
+    last: int
+
+
+@attrs.frozen
+class ResumeBatch:
+    """What `read_after` found: frames as `(seq, text)` and `Lost` ranges, in order, and the
+    cursor to read after next time (the last number covered)."""
+
+    items: list[tuple[int, str] | Lost]
+    cursor: int
+
+
+@attrs.frozen
 class Batch:
     """Frames read from the outbox: `(seq, text)` pairs and how many were dropped before them."""
 
@@ -43,13 +69,15 @@ class Batch:
 
 
 class Outbox:
-    def __init__(self, *, max_frames: int, max_bytes: int) -> None:
+    def __init__(self, *, max_frames: int, max_bytes: int, first_seq: int = 1) -> None:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
+        #: The number of this outbox's first frame; lower numbers were a predecessor's.
+        self.first_seq = first_seq
         self._frames: OrderedDict[int, str] = OrderedDict()
         self._droppable: deque[int] = deque()  # seqs of droppable frames, oldest first
         self._bytes = 0
-        self._next_seq = 0
+        self._next_seq = first_seq
         self._dropped = 0
         self._dropped_essential = 0
         self._reported_drops = 0
@@ -101,8 +129,18 @@ class Outbox:
 
     @property
     def produced(self) -> int:
-        """How many frames were ever appended (the next sequence number)."""
-        return self._next_seq
+        """How many frames were ever appended here."""
+        return self._next_seq - self.first_seq
+
+    @property
+    def last_seq(self) -> int:
+        """The number of the newest frame (first_seq - 1 before any)."""
+        return self._next_seq - 1
+
+    @property
+    def last_urgent(self) -> int:
+        """The number of the newest urgent frame (see `append`), -1 if none."""
+        return self._last_urgent
 
     @property
     def can_wait(self) -> bool:
@@ -123,6 +161,54 @@ class Outbox:
         missed = self._dropped - self._reported_drops
         self._reported_drops = self._dropped
         return Batch(frames, missed)
+
+    def read_after(self, cursor: int, limit: int = 256,
+                   max_bytes: int = 256 * 1024) -> ResumeBatch:
+        """The frames numbered above `cursor`, in order, with a `Lost` for each range no longer
+        held; up to `limit` frames and about `max_bytes` (at least one item). Releases nothing
+        (the client acknowledges with `ack`)."""
+        items: list[tuple[int, str] | Lost] = []
+        last = self._next_seq - 1
+        cursor = min(cursor, last)
+        size = 0
+        frames = self._frames
+        if cursor < self.first_seq - 1:
+            # A predecessor's numbers: reported after its successor's first frame, which says
+            # the supervisor restarted (durable.reattach), when that frame is still here.
+            lost = Lost(cursor + 1, self.first_seq - 1)
+            first = frames.get(self.first_seq)
+            if first is not None:
+                items += ((self.first_seq, first), lost)
+                size = len(first)
+                cursor = self.first_seq
+            else:
+                items.append(lost)
+                cursor = self.first_seq - 1
+        seq = cursor + 1
+        while seq <= last and len(items) < limit and size < max_bytes:
+            text = frames.get(seq)
+            if text is not None:
+                items.append((seq, text))
+                size += len(text)
+                seq += 1
+                continue
+            held = self._next_held_after(seq)
+            end = last if held is None else held - 1
+            previous = items[-1] if items else None
+            if isinstance(previous, Lost) and previous.last == seq - 1:
+                items[-1] = Lost(previous.first, end)  # the predecessor's range goes on
+            else:
+                items.append(Lost(seq, end))
+            seq = end + 1
+        return ResumeBatch(items, seq - 1)
+
+    def _next_held_after(self, seq: int) -> int | None:
+        """The number of the oldest held frame above `seq` (a walk over the held frames; only
+        taken at the edge of a gap)."""
+        for held in self._frames:
+            if held > seq:
+                return held
+        return None
 
     def ack(self, seq: int) -> None:
         """The frame `seq` (and everything before it) reached a client: release them."""

@@ -5,14 +5,17 @@ with three tasks:
 
     reader      client frames -> parse_client_frame -> host.deliver (the session)
     writer      host.outbox -> the socket, in order, a batch per write; a frame is released
-                only once written, so what a client did not get goes to the next one
+                only once written, so what a client did not get goes to the next one; for a
+                resuming client (`resume=N`) only once the client acknowledged it, and every
+                frame carries its sequence number (docs/durability.md)
     keepalive   pings, and drops a client that stops answering or whose write is stuck
 
 The session creates one per client connection; `serve` attaches it (evicting the client
 attached before: one at a time, the newest wins) and detaches it when it ends. Its interface
 to the session is narrow (`ClientHost`): deliver a message, the outbox, the attached-client
-slot, and its id for the logs. The session tells it when frames were added (`wake`) and waits
-on it for backpressure (`wait_caught_up`).
+slot, and its id for the logs. The session tells it when frames were added (`wake`) and, for a
+client that does not resume, waits on it for backpressure (`wait_caught_up`). A resuming
+client never holds the kernel back: what the outbox cannot keep is reported as `framesLost`.
 
 `SessionSocket` is the per-session Unix socket clients connect through on the socket
 transport: bound on the first request for it, kept until the session ends.
@@ -30,10 +33,10 @@ import trio
 
 from kallichore_trio import wire
 from kallichore_trio.config import Config
-from kallichore_trio.core.outbox import Outbox
-from kallichore_trio.security import session_socket_check
+from kallichore_trio.core.outbox import Lost, Outbox
+from kallichore_trio.security import Refusal, session_socket_check
 from kallichore_trio.transport.unix import FileIdentity, file_identity, serve_unix_socket
-from kallichore_trio.transport.websocket import ClientConnection, ClientGone
+from kallichore_trio.transport.websocket import ClientConnection, ClientGone, WsprotoConnection
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +61,18 @@ class ClientHost(Protocol):
 
 class ClientChannel:
     def __init__(self, conn: ClientConnection, host: ClientHost, *, config: Config,
-                 socket_path: str | None = None) -> None:
+                 socket_path: str | None = None, resume: int | None = None) -> None:
         self.conn = conn
         self.host = host
         self.outbox = host.outbox
         self.config = config
         #: The per-session Unix socket the client came through (None on TCP).
         self.socket_path = socket_path
-        #: Past this many frames in the outbox the kernel's iopub pump waits (wait_caught_up).
+        #: A resuming client: the number of the last frame written to it (its cursor); None
+        #: for a client that did not ask to resume.
+        self.cursor = resume
+        #: Past this many frames in the outbox the kernel's iopub pump waits (wait_caught_up);
+        #: never for a resuming client.
         self.high_water = max(1, config.outbox.max_frames // 2)
         self.evicted = False
         self.done = trio.Event()
@@ -77,17 +84,26 @@ class ClientChannel:
         self._linger: trio.CancelScope | None = None  # the writer holding output back
         self._room = trio.Event()
         self._finished = False
+        #: Notices for a client that does not resume, written before the next batch.
+        self._notices: list[str] = []
+        self._batch_end = -1  # the number of the last frame of the batch being written
 
     def __repr__(self) -> str:
         return (f"<ClientChannel session={self.host.session_id!r} evicted={self.evicted} "
-                f"pings={self.pings_sent}>")
+                f"cursor={self.cursor} pings={self.pings_sent}>")
+
+    @property
+    def holds_back(self) -> bool:
+        """The kernel's iopub pump should wait for this client (`wait_caught_up`): a client
+        that does not resume is behind by more than the high-water mark."""
+        return self.cursor is None and len(self.outbox) > self.high_water
 
     # ---- from the session ----------------------------------------------------------------
 
     def wake(self) -> None:
         """Frames were added to the outbox. An urgent one (a status, a reply) ends the
         writer's linger: what is pending is written now."""
-        if self._linger is not None and not self.outbox.can_wait:
+        if self._linger is not None and not self._can_wait():
             self._linger.cancel()
         self._changed.set()
 
@@ -108,7 +124,12 @@ class ClientChannel:
         host.on_activity()
         if previous is not None:
             await previous.evict()
-        log.info("session %s: client connected", host.session_id)
+        if self.cursor is not None:
+            # What the client processed is released; the rest is resent from its cursor.
+            self.cursor = min(self.cursor, self.outbox.last_seq)
+            self.outbox.ack(self.cursor)
+        log.info("session %s: client connected%s", host.session_id,
+                 "" if self.cursor is None else f" (resuming after frame {self.cursor})")
         try:
             await self._run()
         finally:
@@ -153,43 +174,62 @@ class ClientChannel:
 
     # ---- tasks -----------------------------------------------------------------------------
 
+    def _can_wait(self) -> bool:
+        """Only output is pending: it may wait for more output to join it in one write."""
+        if self.cursor is None:
+            return self.outbox.can_wait
+        return self.outbox.last_urgent <= self.cursor
+
     async def _writer(self) -> None:
-        """Outbox -> client, in order, a batch per socket write; a batch is released only once
-        it was written. The write timeout is enforced by `_keepalive`, which aborts the
-        connection under a stuck write (a cancel scope cannot: Hypercorn shields its writes)."""
-        outbox = self.outbox
+        """Outbox -> client, in order, a batch per socket write. The write timeout is enforced
+        by `_keepalive`, which aborts the connection under a stuck write (a cancel scope
+        cannot: Hypercorn shields its writes)."""
         while not self.evicted:
-            batch = outbox.read()
-            if batch.missed:
-                log.warning("session %s: the outbox overflowed; %d frames were dropped",
-                            self.host.session_id, batch.missed)
-                # Tell the user, through an event Positron shows in the kernel's output.
-                notice = (f"[kallichore-trio] {batch.missed} output frames were dropped while "
-                          "no client was reading\n")
-                try:
-                    await self.conn.send_text(wire.output_event("stderr", notice))
-                except ClientGone:
-                    return
-            if not batch.frames:
+            batch = self._next_batch()
+            if not batch and not self._notices:
                 self._changed = trio.Event()
                 await self._changed.wait()
                 continue
-            if outbox.can_wait and len(batch.frames) < _LINGER_UNTIL_FRAMES:
+            if batch and self._can_wait() and len(batch) < _LINGER_UNTIL_FRAMES:
                 # Only output so far: let more join it (see Config.output_linger).
                 with trio.move_on_after(self.config.output_linger) as self._linger:
                     await trio.sleep_forever()
                 self._linger = None
-                batch = outbox.read()
+                batch = self._next_batch()
+            if self._notices:
+                batch[:0] = self._notices
+                self._notices = []
             self.write_started = trio.current_time()
             try:
-                await self.conn.send_texts([text for _, text in batch.frames])
+                await self.conn.send_texts(batch)
             except ClientGone:
                 return
             finally:
                 self.write_started = None
-            outbox.ack(batch.frames[-1][0])
-            if len(outbox) <= self.high_water:
-                self._room.set()
+            if self.cursor is None:
+                self.outbox.ack(self._batch_end)
+                if len(self.outbox) <= self.high_water:
+                    self._room.set()
+            else:
+                self.cursor = self._batch_end
+
+    def _next_batch(self) -> list[str]:
+        """The next frames to write (empty: none); the number of the last in `_batch_end`."""
+        if self.cursor is not None:
+            read = self.outbox.read_after(self.cursor)
+            self._batch_end = read.cursor
+            return [wire.frames_lost_event(item.first, item.last) if isinstance(item, Lost)
+                    else wire.with_seq(*item) for item in read.items]
+        batch = self.outbox.read()
+        if batch.missed:
+            log.warning("session %s: the outbox overflowed; %d frames were dropped",
+                        self.host.session_id, batch.missed)
+            # Tell the user, through an event Positron shows in the kernel's output.
+            self._notices.append(wire.output_event("stderr", (
+                f"[kallichore-trio] {batch.missed} output frames were dropped while no "
+                "client was reading\n")))
+        self._batch_end = batch.frames[-1][0] if batch.frames else -1
+        return [text for _, text in batch.frames]
 
     async def _reader(self) -> None:
         try:
@@ -199,6 +239,10 @@ class ClientChannel:
                 except wire.ClientFrameError as exc:
                     log.warning("session %s: dropped a client frame: %s",
                                 self.host.session_id, exc)
+                    continue
+                if isinstance(msg, wire.Ack):
+                    if self.cursor is not None:  # only what this connection was sent
+                        self.outbox.ack(min(msg.seq, self.cursor))
                     continue
                 await self.host.deliver(msg)
         except ClientGone:
@@ -259,7 +303,7 @@ class SessionSocket:
     """A session's Unix socket for clients (socket transport)."""
 
     def __init__(self, session_id: str, config: Config,
-                 serve: Callable[[ClientConnection, str], Awaitable[None]]) -> None:
+                 serve: Callable[[ClientConnection, str, int | None], Awaitable[None]]) -> None:
         self.session_id = session_id
         self.config = config
         self._serve = serve
@@ -294,10 +338,21 @@ class SessionSocket:
 
     async def _listen(self, path: Path, scope: trio.CancelScope, *,
                       task_status: trio.TaskStatus[Path]) -> None:
-        async def serve(conn: ClientConnection) -> None:
-            await self._serve(conn, str(path))
+        async def serve(conn: WsprotoConnection) -> None:
+            # The target was checked before the upgrade was accepted (_check_resume).
+            await self._serve(conn, str(path), wire.resume_from_target(conn.target))
 
         with scope:
             await serve_unix_socket(
                 path, serve, authorize=session_socket_check(self.config),
+                check_target=_check_resume,
                 handshake_timeout=self.config.timeouts.socket_handshake, task_status=task_status)
+
+
+def _check_resume(target: bytes) -> Refusal | None:
+    """A per-session socket's upgrade request may ask to resume (`?resume=N`)."""
+    try:
+        wire.resume_from_target(target)
+    except wire.ResumeError as exc:
+        return Refusal(400, str(exc))
+    return None

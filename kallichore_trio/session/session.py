@@ -85,6 +85,8 @@ log = logging.getLogger(__name__)
 HELD_LIMIT = 1000
 #: Start attempts, each on freshly picked ports, when the kernel finds a port taken.
 PORT_ATTEMPTS = 3
+#: Sequence numbers are reserved in the record this many at a time (Session._reserve_seqs).
+SEQ_BLOCK = 65_536
 
 
 class Session:
@@ -124,6 +126,10 @@ class Session:
         self.queue = ExecutionQueue(on_dropped=self.executions.dropped)
         self.outbox = Outbox(max_frames=config.outbox.max_frames,
                              max_bytes=config.outbox.max_bytes)
+        #: Frames up to this number may be sent; the record holds it (`_reserve_seqs`).
+        self._seq_reserved = SEQ_BLOCK
+        #: The record last written, if any.
+        self._record: SessionRecord | None = None
         self.working_directory = model.working_directory
         self.env_actions: list[VarAction] = list(model.env)
         self.initial_env: dict[str, str] = {}
@@ -135,7 +141,7 @@ class Session:
         self.client: ClientChannel | None = None
         self._socket = SessionSocket(
             self.session_id, config,
-            lambda conn, path: self.serve_client(conn, socket_path=path))
+            lambda conn, path, resume: self.serve_client(conn, socket_path=path, resume=resume))
         self.resource_usage: ResourceUsage | None = None
         self.restarting = False
         self._adopt_ports: PortReservation | None = None
@@ -204,16 +210,18 @@ class Session:
     def emit(self, text: str, *, droppable: bool = False, urgent: bool | None = None) -> None:
         """Queue a frame for the client. Urgent frames (by default all but droppable output)
         are written at once; the others may wait for company (Config.output_linger)."""
-        self.outbox.append(text, droppable=droppable, urgent=urgent)
+        if self.outbox.append(text, droppable=droppable, urgent=urgent) > self._seq_reserved:
+            self._reserve_seqs()
         client = self.client
         if client is not None:
             client.wake()
 
     async def wait_for_room(self) -> None:
-        """Backpressure: while a client is attached and behind by more than the high-water
-        mark, wait until it catches up. With no client attached nobody drains the outbox, so
-        it sheds droppable output instead (see outbox.py)."""
-        while (client := self.client) is not None and len(self.outbox) > client.high_water:
+        """Backpressure: while a client that does not resume is attached and behind by more
+        than the high-water mark, wait until it catches up. With no client attached nobody
+        drains the outbox, and a resuming client is told what it missed, so the outbox sheds
+        droppable output instead (see outbox.py)."""
+        while (client := self.client) is not None and client.holds_back:
             await client.wait_caught_up()
 
     def set_status(self, new: Status, reason: str | None) -> None:
@@ -438,6 +446,19 @@ class Session:
 
     # ---- the record a successor daemon takes over (state.py, durable.py) ------------------
 
+    def _reserve_seqs(self) -> None:
+        """Record the next block of sequence numbers before a frame numbered in it can reach a
+        client, so that a successor daemon numbers above them (resume, docs/durability.md).
+        Once per SEQ_BLOCK frames; only the reservation changes in the record."""
+        self._seq_reserved = self.outbox.last_seq - 1 + SEQ_BLOCK
+        if self.store is None:
+            return
+        if self._record is None:
+            self.persist()
+        else:
+            self._record = attrs.evolve(self._record, seq_reserved=self._seq_reserved)
+            self.store.write(self._record)
+
     def persist(self) -> None:
         """Write the session's record, if it has a store. Not on the message path: called on
         creation, kernel start or restart, and kernel exit."""
@@ -455,15 +476,22 @@ class Session:
                 process = self._kernel_ref
             if kernel.plan is not None:
                 connection_file = str(kernel.plan.connection_file)
-        self.store.write(SessionRecord(
+        self._record = SessionRecord(
             session=self.model, key=self.key, owner=self.store.owner, created=self.created,
             working_directory=self.working_directory, env=list(self.env_actions),
             connection=self.connection, kernel=process, connection_file=connection_file,
-            kernel_info=self.kernel_info,
-        ))
+            kernel_info=self.kernel_info, seq_reserved=self._seq_reserved,
+        )
+        self.store.write(self._record)
 
     def restore(self, record: SessionRecord) -> None:
-        """What a record kept besides the id, model and key (given to the constructor)."""
+        """What a record kept besides the id, model and key (given to the constructor). Its
+        frames are numbered above every number the dead daemon may have sent."""
+        self._record = record
+        self.outbox = Outbox(max_frames=self.config.outbox.max_frames,
+                             max_bytes=self.config.outbox.max_bytes,
+                             first_seq=record.seq_reserved + 1)
+        self._seq_reserved = record.seq_reserved
         self.created = record.created
         self.working_directory = record.working_directory
         self.env_actions = list(record.env)
@@ -571,9 +599,11 @@ class Session:
             raise SessionNotFound(self.session_id)
         return self._nursery
 
-    async def serve_client(self, conn: ClientConnection, *,
-                           socket_path: str | None = None) -> None:
-        """Run one client until it leaves or a newer client evicts it (ClientChannel.serve)."""
-        await ClientChannel(conn, self, config=self.config, socket_path=socket_path).serve()
+    async def serve_client(self, conn: ClientConnection, *, socket_path: str | None = None,
+                           resume: int | None = None) -> None:
+        """Run one client until it leaves or a newer client evicts it (ClientChannel.serve).
+        `resume`: the last frame a resuming client processed (docs/durability.md)."""
+        await ClientChannel(conn, self, config=self.config, socket_path=socket_path,
+                            resume=resume).serve()
 
     # ---- the HTTP view -------------------------------------------------------------------

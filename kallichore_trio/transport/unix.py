@@ -23,7 +23,7 @@ import trio
 
 from kallichore_trio.transport.websocket import (
     Authorize,
-    ClientConnection,
+    CheckTarget,
     ClientGone,
     WsprotoConnection,
     accept_websocket,
@@ -107,14 +107,15 @@ def bind_unix(path: Path) -> socket.socket:
 
 async def serve_unix_socket(
     path: Path,
-    handler: Callable[[ClientConnection], Awaitable[None]],
+    handler: Callable[[WsprotoConnection], Awaitable[None]],
     *,
     authorize: Authorize,
     handshake_timeout: float,
+    check_target: CheckTarget | None = None,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on a Unix socket at path (mode 0600) and run handler(conn) per WebSocket client
-    that `authorize` lets in (accept_websocket).
+    that `authorize` and `check_target` let in (accept_websocket).
 
     A failure in one connection is logged and never stops the listener. Cancelling this task
     ends the open connections too (they live in its nursery) and removes the socket file, unless
@@ -139,7 +140,7 @@ async def serve_unix_socket(
                     log.warning("Accept failed on %s: %s", path, exc)
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(_serve_one, stream, handler, authorize,
+                nursery.start_soon(_serve_one, stream, handler, authorize, check_target,
                                    handshake_timeout, path)
     finally:
         # The file goes first, with no checkpoint before it (see _remove_own_socket).
@@ -149,14 +150,15 @@ async def serve_unix_socket(
 
 async def _serve_one(
     stream: trio.SocketStream,
-    handler: Callable[[ClientConnection], Awaitable[None]],
+    handler: Callable[[WsprotoConnection], Awaitable[None]],
     authorize: Authorize,
+    check_target: CheckTarget | None,
     handshake_timeout: float,
     path: Path,
 ) -> None:
     conn: WsprotoConnection | None = None
     try:
-        conn = await accept_websocket(stream, authorize=authorize,
+        conn = await accept_websocket(stream, authorize=authorize, check_target=check_target,
                                       handshake_timeout=handshake_timeout)
         await handler(conn)
     except ClientGone as exc:

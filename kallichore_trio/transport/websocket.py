@@ -46,6 +46,9 @@ from kallichore_trio.security import Refusal
 #: Decides on an upgrade request from its headers (name, value pairs, names lowercase): None
 #: to accept, or the Refusal to answer (security.check_request under a policy).
 Authorize = Callable[[list[tuple[bytes, bytes]]], Refusal | None]
+#: Looks at the request target (path and query) of an authorized upgrade: None to accept, or
+#: the Refusal to answer (a bad query parameter, say).
+CheckTarget = Callable[[bytes], Refusal | None]
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +139,10 @@ class WsprotoConnection:
         ws: Connection,
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        target: bytes = b"",
     ) -> None:
+        #: The request target (path and query) of the upgrade, where we answered it.
+        self.target = target
         self._stream = stream
         self._ws = ws
         self._max_message_bytes = max_message_bytes
@@ -335,9 +341,10 @@ async def _read_request_head(stream: trio.abc.Stream, buf: bytearray) -> int:
         buf += data
 
 
-def _request_headers(head: bytes) -> list[tuple[bytes, bytes]] | None:
-    """The headers of an HTTP request head, None if it does not parse. Parsed apart from the
-    WebSocket handshake so that authorization is decided before the handshake is validated."""
+def _request_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    """The target and headers of an HTTP request head, None if it does not parse. Parsed apart
+    from the WebSocket handshake so that authorization is decided before the handshake is
+    validated."""
     parser = h11.Connection(h11.SERVER)
     try:
         parser.receive_data(head)
@@ -346,17 +353,25 @@ def _request_headers(head: bytes) -> list[tuple[bytes, bytes]] | None:
         return None
     if not isinstance(event, h11.Request):
         return None
-    return [(bytes(name), bytes(value)) for name, value in event.headers]
+    return bytes(event.target), [(bytes(name), bytes(value)) for name, value in event.headers]
 
 
-async def _upgrade(stream: trio.abc.Stream, buf: bytearray, authorize: Authorize) -> Connection:
+async def _upgrade(stream: trio.abc.Stream, buf: bytearray, authorize: Authorize,
+                   check_target: CheckTarget | None) -> tuple[Connection, bytes]:
     """Answer an HTTP/1.1 WebSocket upgrade request (any path, any Host) with 101, once
-    `authorize` let it in; its refusal is answered and raised as UpgradeRefused."""
+    `authorize`, then `check_target`, let it in; a refusal is answered and raised as
+    UpgradeRefused. Returns the connection and the request target."""
     head_end = await _read_request_head(stream, buf)
     head = bytes(buf[:head_end])
-    headers = _request_headers(head)
-    refusal = (Refusal(400, "malformed HTTP request") if headers is None
-               else authorize(headers))
+    request = _request_head(head)
+    if request is None:
+        refusal: Refusal | None = Refusal(400, "malformed HTTP request")
+        target = b""
+    else:
+        target, headers = request
+        refusal = authorize(headers)
+        if refusal is None and check_target is not None:
+            refusal = check_target(target)
     if refusal is not None:
         try:
             await stream.send_all(refusal_response(refusal.status, refusal.reason))
@@ -382,7 +397,7 @@ async def _upgrade(stream: trio.abc.Stream, buf: bytearray, authorize: Authorize
     rest = bytes(buf[head_end:])
     if rest:
         ws.receive_data(rest)
-    return ws
+    return ws, target
 
 
 def refusal_response(status: int, reason: str) -> bytes:
@@ -413,6 +428,7 @@ async def accept_websocket(
     stream: trio.abc.Stream,
     *,
     authorize: Authorize,
+    check_target: CheckTarget | None = None,
     handshake_timeout: float = 10.0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> WsprotoConnection:
@@ -430,9 +446,9 @@ async def accept_websocket(
             if buf[:4] != b"GET ":
                 raise UpgradeRefused("the connection did not start with an HTTP upgrade "
                                      "request (raw WebSocket framing is not accepted)")
-            ws = await _upgrade(stream, buf, authorize)
+            ws, target = await _upgrade(stream, buf, authorize, check_target)
     except trio.TooSlowError as exc:
         raise UpgradeRefused("no HTTP upgrade request within the handshake timeout") from exc
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise ClientGone(f"peer went away during the WebSocket handshake: {exc!r}") from exc
-    return WsprotoConnection(stream, ws, max_message_bytes=max_message_bytes)
+    return WsprotoConnection(stream, ws, max_message_bytes=max_message_bytes, target=target)

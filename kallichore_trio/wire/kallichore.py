@@ -10,9 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qs
 
 import attrs
 
@@ -32,6 +33,7 @@ KERNEL_EVENTS = frozenset(
         "handshakeCompleted",
         "executionRequested",
         "supervisorRestarted",
+        "framesLost",
     }
 )
 
@@ -40,6 +42,22 @@ _REQUIRED_FIELDS = ("header", "channel", "content", "metadata", "buffers")
 
 class ClientFrameError(ValueError):
     """A client frame that cannot be turned into a kernel message (it is dropped)."""
+
+
+class ResumeError(ValueError):
+    """A `resume` query parameter that is not a sequence number (the upgrade is refused)."""
+
+
+#: The largest sequence number a client may name (a signed 64-bit integer, as JSON readers
+#: in other languages can hold it).
+MAX_SEQ = 2**63 - 1
+
+
+@attrs.frozen
+class Ack:
+    """``{"kind": "ack", "seq": N}``: a resuming client processed every frame up to N."""
+
+    seq: int
 
 
 @attrs.frozen
@@ -93,8 +111,9 @@ def _decode_buffers(raw: Any) -> tuple[bytes, ...]:
     return tuple(out)
 
 
-def parse_client_frame(text: str | bytes) -> ClientMessage:
-    """Parse one client text frame.
+def parse_client_frame(text: str | bytes) -> ClientMessage | Ack:
+    """Parse one client text frame: a message for the kernel, or a resuming client's `Ack`
+    (docs/durability.md).
 
     ``header``, ``channel``, ``content``, ``metadata`` and ``buffers`` are required; other
     top-level keys (e.g. ``"kind"``) are ignored. ``parent_header`` may be absent or null.
@@ -108,6 +127,8 @@ def parse_client_frame(text: str | bytes) -> ClientMessage:
         raise ClientFrameError(f"frame is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ClientFrameError("frame is not a JSON object")
+    if obj.get("kind") == "ack":
+        return _ack(obj)
     missing = [name for name in _REQUIRED_FIELDS if name not in obj]
     if missing:
         raise ClientFrameError(f"frame lacks required field(s): {', '.join(missing)}")
@@ -130,6 +151,39 @@ def parse_client_frame(text: str | bytes) -> ClientMessage:
         metadata=obj["metadata"],
         buffers=_decode_buffers(obj["buffers"]),
     )
+
+
+def _ack(obj: dict[str, Any]) -> Ack:
+    seq = obj.get("seq")
+    if type(seq) is not int or not 0 <= seq <= MAX_SEQ:
+        raise ClientFrameError(f"an ack needs a non-negative integer 'seq', not {seq!r}")
+    return Ack(seq)
+
+
+def parse_resume(values: Sequence[str]) -> int | None:
+    """The `resume` query parameter of a channels upgrade (every value given): None when
+    absent, else the last sequence number the client processed. ResumeError unless it is given
+    once, as a decimal integer in 0..MAX_SEQ."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ResumeError("resume must be given once")
+    value = values[0]
+    if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > MAX_SEQ:
+        raise ResumeError(f"resume must be a non-negative integer, not {value[:40]!r}")
+    return int(value)
+
+
+def resume_from_target(target: bytes) -> int | None:
+    """`parse_resume` of the query of an HTTP request target (``/path?resume=5``)."""
+    query = target.partition(b"?")[2].decode("latin-1")
+    return parse_resume(parse_qs(query, keep_blank_values=True).get("resume", []))
+
+
+def with_seq(seq: int, frame: str) -> str:
+    """A server frame (a JSON object) with ``"seq"`` as its first field, for a resuming
+    client."""
+    return f'{{"seq":{seq},{frame[1:]}'
 
 
 # --- server -> client -------------------------------------------------------------------
@@ -231,6 +285,12 @@ def supervisor_restarted_event(previous_server_id: str, gap_ms: int) -> str:
     lost."""
     return kernel_event_frame("supervisorRestarted", {
         "previous_server_id": previous_server_id, "gap_ms": int(gap_ms)})
+
+
+def frames_lost_event(first: int, last: int) -> str:
+    """A resuming client will not receive frames `first`..`last`: the outbox no longer holds
+    them (docs/durability.md). Carries no seq: it is about the sequence, not in it."""
+    return kernel_event_frame("framesLost", {"first": first, "last": last})
 
 
 def exited_event(code: int) -> str:

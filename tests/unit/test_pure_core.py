@@ -91,10 +91,10 @@ def test_the_queue_is_bounded() -> None:
 def test_frames_come_out_in_order_and_ack_releases_them() -> None:
     outbox = Outbox(max_frames=10, max_bytes=1000)
     seqs = [outbox.append(t) for t in ("a", "b", "c")]
-    assert seqs == [0, 1, 2]
-    assert outbox.read().frames == [(0, "a"), (1, "b"), (2, "c")]
-    outbox.ack(1)
-    assert outbox.read().frames == [(2, "c")]
+    assert seqs == [1, 2, 3]
+    assert outbox.read().frames == [(1, "a"), (2, "b"), (3, "c")]
+    outbox.ack(2)
+    assert outbox.read().frames == [(3, "c")]
     assert outbox.statistics().bytes == 1
 
 
@@ -131,7 +131,7 @@ def test_the_byte_bound_holds() -> None:
 def test_acked_droppable_frames_are_not_dropped_twice() -> None:
     outbox = Outbox(max_frames=2, max_bytes=1000)
     outbox.append("s1", droppable=True)
-    outbox.ack(0)
+    outbox.ack(1)
     outbox.append("s2", droppable=True)
     outbox.append("s3", droppable=True)
     outbox.append("s4", droppable=True)
@@ -143,9 +143,9 @@ def test_a_read_stops_at_the_byte_budget_but_always_returns_one_frame() -> None:
     outbox = Outbox(max_frames=10, max_bytes=10_000)
     for text in ("a" * 300, "b" * 300, "c" * 300):
         outbox.append(text)
-    assert [seq for seq, _ in outbox.read(max_bytes=500).frames] == [0, 1]
-    assert [seq for seq, _ in outbox.read(max_bytes=10).frames] == [0]
-    assert [seq for seq, _ in outbox.read(limit=2, max_bytes=10_000).frames] == [0, 1]
+    assert [seq for seq, _ in outbox.read(max_bytes=500).frames] == [1, 2]
+    assert [seq for seq, _ in outbox.read(max_bytes=10).frames] == [1]
+    assert [seq for seq, _ in outbox.read(limit=2, max_bytes=10_000).frames] == [1, 2]
 
 
 def test_can_wait_unless_an_urgent_frame_is_pending() -> None:
