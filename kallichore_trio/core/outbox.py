@@ -14,11 +14,13 @@ connected frames accumulate, and the next client receives them in order (the ref
   that range is reported after the first frame (the `supervisorRestarted` event) when the
   outbox still holds it.
 
-Bounds: `max_frames` and `max_bytes`. Past them the oldest *droppable* frame goes first (stream
-output, process output, resource samples: things that are superseded or repeated); status
-events, replies and every other frame are kept until twice the bounds, and only past that hard
-limit is the oldest of them dropped too. Every drop is counted; a reader is told how many
-frames it missed since its last read so it can report the gap.
+Bounds: `max_frames` and `max_bytes`, three tiers. Past the bounds the oldest *droppable*
+frame goes first (stream output, process output, resource samples: things that are superseded
+or repeated). Ordinary frames (display data, errors, comms, most events) are kept until twice
+the bounds, then the oldest of them goes. *Kept* frames (statuses and replies: what a client
+needs to know a request ended) are shed only past four times the bounds, the last resort that
+keeps memory bounded whatever a kernel does. Every drop is counted; a reader is told how many
+frames it missed since its last read (or, resuming, which ones) so it can report the gap.
 
 Urgency is separate from droppability: an urgent frame is to be written at once, the others
 may wait a moment for more output to share their write. By default every frame but droppable
@@ -39,7 +41,10 @@ class OutboxStatistics:
     bytes: int
     next_seq: int
     dropped: int
+    #: Of `dropped`: ordinary and kept frames (past twice the bounds).
     dropped_essential: int
+    #: Of `dropped_essential`: kept frames (past four times the bounds).
+    dropped_kept: int
     peak_frames: int
 
 
@@ -76,10 +81,12 @@ class Outbox:
         self.first_seq = first_seq
         self._frames: OrderedDict[int, str] = OrderedDict()
         self._droppable: deque[int] = deque()  # seqs of droppable frames, oldest first
+        self._ordinary: deque[int] = deque()  # seqs of frames neither droppable nor kept
         self._bytes = 0
         self._next_seq = first_seq
         self._dropped = 0
         self._dropped_essential = 0
+        self._dropped_kept = 0
         self._reported_drops = 0
         self._peak = 0
         self._last_urgent = -1  # seq of the newest frame that must not wait for company
@@ -93,15 +100,19 @@ class Outbox:
             f"dropped={self._dropped}>"
         )
 
-    def append(self, text: str, *, droppable: bool = False, urgent: bool | None = None) -> int:
-        """Add a frame; return its sequence number. An urgent frame is to be written at once
-        (see `can_wait`); by default every frame but droppable output is urgent."""
+    def append(self, text: str, *, droppable: bool = False, urgent: bool | None = None,
+               kept: bool = False) -> int:
+        """Add a frame; return its sequence number. `droppable` and `kept` choose its tier (see
+        above; ordinary by default). An urgent frame is to be written at once (see
+        `can_wait`); by default every frame but droppable output is urgent."""
         seq = self._next_seq
         self._next_seq += 1
         self._frames[seq] = text
         self._bytes += len(text)
         if droppable:
             self._droppable.append(seq)
+        elif not kept:
+            self._ordinary.append(seq)
         if (not droppable) if urgent is None else urgent:
             self._last_urgent = seq
         if len(self._frames) > self.max_frames or self._bytes > self.max_bytes:
@@ -109,22 +120,28 @@ class Outbox:
         self._peak = max(self._peak, len(self._frames))
         return seq
 
+    def _over(self, factor: int) -> bool:
+        return (len(self._frames) > factor * self.max_frames
+                or self._bytes > factor * self.max_bytes)
+
     def _shed(self) -> None:
-        while len(self._frames) > self.max_frames or self._bytes > self.max_bytes:
+        while self._over(1):
             if self._droppable:
-                seq = self._droppable.popleft()
-                text = self._frames.pop(seq, None)
+                text = self._frames.pop(self._droppable.popleft(), None)
                 if text is None:  # already acknowledged
                     continue
-                self._dropped += 1
-            elif (
-                len(self._frames) > 2 * self.max_frames or self._bytes > 2 * self.max_bytes
-            ) and len(self._frames) > 1:
-                _, text = self._frames.popitem(last=False)
-                self._dropped += 1
+            elif self._ordinary and self._over(2):
+                text = self._frames.pop(self._ordinary.popleft(), None)
+                if text is None:
+                    continue
                 self._dropped_essential += 1
+            elif self._over(4) and len(self._frames) > 1:
+                _, text = self._frames.popitem(last=False)
+                self._dropped_essential += 1
+                self._dropped_kept += 1
             else:
                 return
+            self._dropped += 1
             self._bytes -= len(text)
 
     @property
@@ -219,6 +236,8 @@ class Outbox:
             self._bytes -= len(self._frames.pop(first))
         while self._droppable and self._droppable[0] <= seq:
             self._droppable.popleft()
+        while self._ordinary and self._ordinary[0] <= seq:
+            self._ordinary.popleft()
 
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(
@@ -227,5 +246,6 @@ class Outbox:
             next_seq=self._next_seq,
             dropped=self._dropped,
             dropped_essential=self._dropped_essential,
+            dropped_kept=self._dropped_kept,
             peak_frames=self._peak,
         )

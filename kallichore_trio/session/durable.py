@@ -36,7 +36,8 @@ async def reattach(session: Session, orphan: Orphan) -> None:
 
 async def _reattach(session: Session, orphan: Orphan) -> None:
     record = orphan.record
-    session.emit(wire.supervisor_restarted_event(record.owner.server_id, int(orphan.gap * 1000)))
+    session.emit(wire.supervisor_restarted_event(record.owner.server_id, int(orphan.gap * 1000)),
+                 kept=True)
     ref = record.kernel
     if ref is None or record.connection is None or not ref.alive():
         log.info("session %s: taken over from daemon %s; its kernel is gone",

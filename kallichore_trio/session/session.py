@@ -207,10 +207,13 @@ class Session:
 
     # ---- frames to the client ------------------------------------------------------------
 
-    def emit(self, text: str, *, droppable: bool = False, urgent: bool | None = None) -> None:
+    def emit(self, text: str, *, droppable: bool = False, urgent: bool | None = None,
+             kept: bool = False) -> None:
         """Queue a frame for the client. Urgent frames (by default all but droppable output)
-        are written at once; the others may wait for company (Config.output_linger)."""
-        if self.outbox.append(text, droppable=droppable, urgent=urgent) > self._seq_reserved:
+        are written at once; the others may wait for company (Config.output_linger). Kept
+        frames (statuses, replies) are the last the outbox sheds (outbox.py)."""
+        if (self.outbox.append(text, droppable=droppable, urgent=urgent, kept=kept)
+                > self._seq_reserved):
             self._reserve_seqs()
         client = self.client
         if client is not None:
@@ -231,7 +234,7 @@ class Session:
             self.clear_queue()
             self.executions.kernel_exited()
         self.executions.status_changed()
-        self.emit(wire.status_event(new, reason))
+        self.emit(wire.status_event(new, reason), kept=True)
         if new in IDLE_LIKE:
             self.on_activity()
 
@@ -250,7 +253,9 @@ class Session:
             due = self.queue.finished(msg.parent_msg_id)
         if self.executions.followed:  # nothing more for a message while nothing is followed
             self.executions.observe(msg)
-        self.emit(wire.relay_frame(msg, channel), droppable=kind is OUTPUT)
+        # Kept: statuses and everything not on iopub (replies, stdin prompts).
+        self.emit(wire.relay_frame(msg, channel), droppable=kind is OUTPUT,
+                  kept=kind is STATUS or channel != "iopub")
         if due is not None:
             self.executions.sent(due.msg_id)  # the caller sends it now
         return due
@@ -286,7 +291,7 @@ class Session:
             else "all sockets disconnected from an adopted kernel"
         )
         self.set_status("exited", reason)
-        self.emit(wire.exited_event(code))
+        self.emit(wire.exited_event(code), kept=True)
         self.persist()
 
     def on_spawn_failed(self, reason: str) -> None:

@@ -151,3 +151,40 @@ def test_seq_is_the_first_field_and_the_rest_is_unchanged() -> None:
 def test_frames_lost_event() -> None:
     assert json.loads(wire.frames_lost_event(3, 9)) == {
         "kind": "kernel", "framesLost": {"first": 3, "last": 9}}
+
+
+# ---- the three tiers ------------------------------------------------------------------------
+
+def test_kept_frames_outlive_ordinary_ones_and_go_only_past_four_times_the_bound() -> None:
+    outbox = Outbox(max_frames=2, max_bytes=1 << 20)
+    outbox.append("status-1", kept=True)
+    for i in range(4):
+        outbox.append(f"display-{i}")
+    # Past twice the bound the oldest ordinary frame goes, not the older status.
+    assert [t for _, t in outbox.read().frames] == ["status-1", "display-1", "display-2",
+                                                    "display-3"]
+    stats = outbox.statistics()
+    assert (stats.dropped, stats.dropped_essential, stats.dropped_kept) == (1, 1, 0)
+
+
+def test_kept_frames_alone_are_held_up_to_four_times_the_bound() -> None:
+    outbox = Outbox(max_frames=2, max_bytes=1 << 20)
+    for i in range(8):
+        outbox.append(f"status-{i}", kept=True)
+    assert len(outbox) == 8
+    outbox.append("status-8", kept=True)
+    assert outbox.read().frames[0] == (2, "status-1")
+    assert outbox.statistics().dropped_kept == 1
+
+
+def test_droppable_then_ordinary_then_kept() -> None:
+    outbox = Outbox(max_frames=3, max_bytes=1 << 20)
+    outbox.append("S", kept=True)
+    outbox.append("o")           # ordinary
+    outbox.append("d", droppable=True)
+    outbox.append("S2", kept=True)
+    assert [t for _, t in outbox.read().frames] == ["S", "o", "S2"]  # the droppable went
+    for i in range(4):
+        outbox.append(f"K{i}", kept=True)
+    # 7 frames: over twice the bound (3) -> the ordinary frame goes, no kept one.
+    assert [t for _, t in outbox.read().frames] == ["S", "S2", "K0", "K1", "K2", "K3"]
