@@ -182,50 +182,42 @@ class Outbox:
     def read_after(self, cursor: int, limit: int = 256,
                    max_bytes: int = 256 * 1024) -> ResumeBatch:
         """The frames numbered above `cursor`, in order, with a `Lost` for each range no longer
-        held; up to `limit` frames and about `max_bytes` (at least one item). Releases nothing
-        (the client acknowledges with `ack`)."""
+        held; up to `limit` frames and about `max_bytes` (at least one frame if any). Releases
+        nothing (the client acknowledges with `ack`). Costs a walk over the frames held up to the
+        cursor (sent, not yet acknowledged) plus what it returns; a gap costs nothing more."""
         items: list[tuple[int, str] | Lost] = []
         last = self._next_seq - 1
-        cursor = min(cursor, last)
-        size = 0
-        frames = self._frames
-        if cursor < self.first_seq - 1:
+        expected = min(cursor, last) + 1  # the next number to account for
+        size = count = 0  # of the frames in items
+        if expected < self.first_seq:
             # A predecessor's numbers: reported after its successor's first frame, which says
             # the supervisor restarted (durable.reattach), when that frame is still here.
-            lost = Lost(cursor + 1, self.first_seq - 1)
-            first = frames.get(self.first_seq)
+            lost = Lost(expected, self.first_seq - 1)
+            first = self._frames.get(self.first_seq)
             if first is not None:
                 items += ((self.first_seq, first), lost)
-                size = len(first)
-                cursor = self.first_seq
+                size, count = len(first), 1
+                expected = self.first_seq + 1
             else:
                 items.append(lost)
-                cursor = self.first_seq - 1
-        seq = cursor + 1
-        while seq <= last and len(items) < limit and size < max_bytes:
-            text = frames.get(seq)
-            if text is not None:
-                items.append((seq, text))
-                size += len(text)
-                seq += 1
+                expected = self.first_seq
+        full = False
+        for seq, text in self._frames.items():
+            if seq < expected:
                 continue
-            held = self._next_held_after(seq)
-            end = last if held is None else held - 1
-            previous = items[-1] if items else None
-            if isinstance(previous, Lost) and previous.last == seq - 1:
-                items[-1] = Lost(previous.first, end)  # the predecessor's range goes on
-            else:
-                items.append(Lost(seq, end))
-            seq = end + 1
-        return ResumeBatch(items, seq - 1)
-
-    def _next_held_after(self, seq: int) -> int | None:
-        """The number of the oldest held frame above `seq` (a walk over the held frames; only
-        taken at the edge of a gap)."""
-        for held in self._frames:
-            if held > seq:
-                return held
-        return None
+            if count >= limit or size >= max_bytes:
+                full = True  # a gap before this frame is for the next read to report whole
+                break
+            if seq > expected:
+                _add_lost(items, expected, seq - 1)
+            items.append((seq, text))
+            size += len(text)
+            count += 1
+            expected = seq + 1
+        if not full and expected <= last:
+            _add_lost(items, expected, last)
+            expected = last + 1
+        return ResumeBatch(items, expected - 1)
 
     def ack(self, seq: int) -> None:
         """The frame `seq` (and everything before it) reached a client: release them."""
@@ -249,3 +241,13 @@ class Outbox:
             dropped_kept=self._dropped_kept,
             peak_frames=self._peak,
         )
+
+
+def _add_lost(items: list[tuple[int, str] | Lost], first: int, last: int) -> None:
+    """Append Lost(first, last), or extend the Lost just before it (a predecessor's range
+    that goes on)."""
+    previous = items[-1] if items else None
+    if isinstance(previous, Lost) and previous.last == first - 1:
+        items[-1] = Lost(previous.first, last)
+    else:
+        items.append(Lost(first, last))

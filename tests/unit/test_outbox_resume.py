@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kallichore_trio import wire
 from kallichore_trio.core.outbox import Lost, Outbox
@@ -188,3 +191,64 @@ def test_droppable_then_ordinary_then_kept() -> None:
         outbox.append(f"K{i}", kept=True)
     # 7 frames: over twice the bound (3) -> the ordinary frame goes, no kept one.
     assert [t for _, t in outbox.read().frames] == ["S", "S2", "K0", "K1", "K2", "K3"]
+
+
+# ---- generated: whatever happened, a resuming reader accounts for every number once --------
+
+tiers = st.sampled_from(["droppable", "ordinary", "kept"])
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("append"), tiers, st.integers(1, 40)),
+        st.tuples(st.just("ack"), st.integers(0, 200)),
+    ),
+    max_size=200,
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(operations, st.integers(0, 220), st.integers(1, 8), st.integers(1, 300))
+def test_reading_after_any_cursor_covers_every_number_once_in_order(
+    ops: list, cursor: int, limit: int, first_seq: int
+) -> None:
+    outbox = Outbox(max_frames=6, max_bytes=120, first_seq=first_seq)
+    texts: dict[int, str] = {}
+    for op in ops:
+        if op[0] == "append":
+            _, tier, size = op
+            text = f"{len(texts):03d}" + "x" * size
+            seq = outbox.append(text, droppable=tier == "droppable", kept=tier == "kept")
+            texts[seq] = text
+        else:
+            outbox.ack(first_seq + op[1])
+    cursor = max(0, cursor + first_seq - 100)  # below, inside and above its numbers
+    held = dict(outbox.read(limit=10_000, max_bytes=1 << 30).frames)
+    covered: list[int] = []
+    frames: list[int] = []
+    kinds: list[str] = []
+    at = cursor
+    for _ in range(10_000):
+        batch = outbox.read_after(at, limit=limit)
+        if not batch.items:
+            break
+        for item in batch.items:
+            if isinstance(item, Lost):
+                assert item.first <= item.last
+                covered.extend(range(item.first, item.last + 1))
+                kinds.append("lost")
+            else:
+                seq, text = item
+                assert texts[seq] == text
+                covered.append(seq)
+                frames.append(seq)
+                kinds.append("frame")
+        at = batch.cursor
+    start = max(min(cursor, outbox.last_seq), 0) + 1
+    pred_first = first_seq if start < first_seq and first_seq in held else None
+    expected = list(range(start, outbox.last_seq + 1))
+    if pred_first is not None:  # the successor's first frame, then the predecessor's range
+        expected.remove(pred_first)
+        expected.insert(0, pred_first)
+    assert covered == expected
+    assert frames == [s for s in held if s > min(cursor, outbox.last_seq)]
+    assert len(outbox) == len(held)  # reading released nothing
+    assert ("lost", "lost") not in itertools.pairwise(kinds)  # ranges are whole
