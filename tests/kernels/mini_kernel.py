@@ -15,6 +15,17 @@ Modes:
                 then asks for input at once (input_request on stdin, as ipykernel's input()
                 does) and prints the answer. A client that has not connected to stdin by then
                 never sees the prompt.
+  flood         like normal; an execute_request publishes numbered iopub `stream` messages
+                (stdout, text "<index>\n") as fast as it can, then its reply and idle. The
+                code is a number N (the next N indices) or JSON
+                {"first": A, "count": N, "status_every": K}: indices from A up to A+N-1,
+                with a `status` busy message after every K-th one when K is given (a frame
+                the daemon's outbox keeps while it sheds stream output around it). An index
+                is never published twice: the kernel remembers the next one, and a request
+                for indices it already published publishes only the rest (so a client that
+                is unsure whether its request arrived may send it again). The iopub socket
+                has no high-water mark: whatever the daemon does not read in time waits in
+                libzmq, never dropped by the kernel.
 
 Every mode first prints `mini kernel pid <n>` on stdout.
 """
@@ -64,6 +75,8 @@ sockets = {}
 for name, kind in (("shell", zmq.ROUTER), ("control", zmq.ROUTER), ("stdin", zmq.ROUTER),
                    ("iopub", zmq.PUB), ("hb", zmq.ROUTER)):
     sock = ctx.socket(kind)
+    if mode == "flood" and kind == zmq.PUB:
+        sock.sndhwm = 0
     if not (mode == "late_stdin" and name == "stdin"):
         sock.bind(url + str(info[f"{name}_port"]))
     sockets[name] = sock
@@ -84,6 +97,26 @@ def bind_stdin():
     if not stdin_bound:
         stdin.bind(url + str(info["stdin_port"]))
         stdin_bound = True
+
+
+flood_next = 0  # the next index the flood mode publishes
+
+
+def flood(code, parent):
+    """Publish the stream messages an execute_request asks for (see `flood` above)."""
+    global flood_next
+    spec = json.loads(code) if code.strip() else 0
+    if isinstance(spec, int):
+        spec = {"first": flood_next, "count": spec}
+    end = spec["first"] + spec["count"]
+    status_every = spec.get("status_every") or 0
+    flood_next = max(flood_next, spec["first"])
+    while flood_next < end:
+        iopub.send_multipart(message("stream", {"name": "stdout", "text": f"{flood_next}\n"},
+                                     parent))
+        flood_next += 1
+        if status_every and flood_next % status_every == 0:
+            iopub.send_multipart(message("status", {"execution_state": "busy"}, parent))
 
 
 def ask_for_input(idents, parent):
@@ -126,6 +159,8 @@ while True:
             execution_count += 1
             if mode == "hb_pause":
                 pause = float(content.get("code") or 0)
+            if mode == "flood":
+                flood(content.get("code") or "", parent)
             if mode == "late_stdin":
                 bind_stdin()
                 value = ask_for_input(idents, parent)
