@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 BENCH_VENV ?= .bench-venv
 
-.PHONY: run test test-unit bench lint clean
+.PHONY: run test test-unit bench soak lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ $(BENCH_VENV)/.installed-stamp: bench/requirements.txt
 
 bench: $(STAMP) $(BENCH_VENV)/.installed-stamp
 	$(PY) bench/run_all.py --jupyter-server-python $(BENCH_VENV)/bin/python $(BENCH_ARGS)
+
+## Resume soak: 1,000,000 lines through 100 disconnects and 5 daemon kills (docs/performance.md).
+soak: $(STAMP)
+	$(PY) bench/soak_resume.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info

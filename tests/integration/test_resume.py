@@ -10,6 +10,7 @@ daemon where they need a configuration kcserver has no flag for (a small outbox)
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -313,7 +314,7 @@ async def test_an_overflow_while_away_is_reported_as_ordered_lost_ranges(
     assert (first_seq or lost[0][0]) == away + 1
     # In order, disjoint, and each followed by a kept frame (never two notices in a row).
     assert all(a <= b for a, b in lost)
-    assert all(b1 < a2 for (_, b1), (a2, _) in zip(lost, lost[1:], strict=False))
+    assert all(b1 < a2 for (_, b1), (a2, _) in itertools.pairwise(lost))
     kinds = ["lost" if s is None else "frame" for s, _ in tracker.items]
     assert "lost,lost" not in ",".join(kinds)
     # Every status and reply was kept; the stream lines kept are the newest, in order.
