@@ -437,3 +437,84 @@ async def test_resuming_after_a_daemon_crash(short_dir: Path, kernel_pids: set[i
     assert later == list(range(restart_seq + 1, restart_seq + 1 + len(later)))
     assert tracker.violations == []
     assert indices([f for _, f in tracker.items]) == list(range(100, 110))
+
+
+# ---- notices, acks, bounds -----------------------------------------------------------------
+
+
+async def test_an_evicted_resuming_client_is_told_without_a_seq(daemon: RunningDaemon) -> None:
+    session_id = await daemon.create(argv=mini_argv("flood"))
+    assert (await daemon.start(session_id)).status_code == 200
+    connect = daemon_connect(daemon, session_id)
+    tracker = ResumeTracker(keep=True)
+    first, first_pending = await connect(0)
+    await run_code(first, first_pending, "3", tracker)
+
+    second, pending = await connect(tracker.processed)
+    # The first client gets what it had not read yet and the notice, then the close.
+    rest = list(first_pending)
+    with trio.fail_after(30):
+        while not any('"clientDisconnected"' in t for t in rest):
+            texts = await first.receive()
+            assert texts is not None, rest
+            rest += texts
+    await trio.aclose_forcefully(first.stream)
+    notices = [t for t in rest if '"clientDisconnected"' in t]
+    assert len(notices) == 1 and seq_of(notices[0]) is None, notices
+    assert json.loads(notices[0])["kind"] == "kernel"
+    tracker.discarded(rest)
+
+    # The second carries on from where the first stopped processing.
+    await run_code(second, pending, "2", tracker)
+    await second.close_clean()
+    assert tracker.violations == [] and tracker.lost_ranges == []
+    assert indices([f for _, f in tracker.items]) == list(range(5))
+
+
+async def test_an_ack_on_a_plain_connection_is_ignored(daemon: RunningDaemon) -> None:
+    session_id = await daemon.create(argv=mini_argv("flood"))
+    assert (await daemon.start(session_id)).status_code == 200
+    url = urlsplit(daemon.base)
+    assert url.hostname and url.port
+    pending: list[str] = []
+    ws = await ResumeSocket.open_tcp(url.hostname, url.port, channels_target(session_id, None),
+                                     TOKEN, pending)
+    await ws.ack(10**6)
+    await ws.send_text('{"kind":"ack","seq":"not a number"}')
+    texts = await run_code(ws, pending, "4")
+    texts += await run_code(ws, pending, "1")
+    await ws.close_clean()
+    assert all(t.startswith('{"kind":') for t in texts)
+    assert indices([json.loads(t) for t in texts]) == list(range(5))
+
+
+async def test_resuming_beyond_the_newest_frame_resends_nothing(daemon: RunningDaemon) -> None:
+    session_id = await daemon.create(argv=mini_argv("flood"))
+    assert (await daemon.start(session_id)).status_code == 200
+    connect = daemon_connect(daemon, session_id)
+    ws, pending = await connect(0)
+    tracker = ResumeTracker(keep=True)
+    await run_code(ws, pending, "3", tracker)
+    await ws.close_clean()  # nothing acknowledged
+
+    ws, pending = await connect(tracker.processed + 1000)
+    texts = await run_code(ws, pending, "2")
+    # An ack beyond what was sent is "everything sent so far".
+    await ws.ack(2**62)
+    await ws.close_clean()
+    seqs = [seq_of(t) for t in texts]
+    assert None not in seqs
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert seqs[0] > tracker.processed
+    assert indices([json.loads(t) for t in texts]) == [3, 4]
+
+    # Resuming from the last frame processed: that ack released whatever had been sent after
+    # it (the session's status event follows the kernel's idle), so that much is reported
+    # lost, and nothing comes twice.
+    ws, pending = await connect(seqs[-1])
+    tracker = ResumeTracker(keep=True, processed=seqs[-1], max_seen=seqs[-1])
+    await run_code(ws, pending, "1", tracker)
+    await ws.close_clean()
+    assert tracker.violations == [] and tracker.duplicates == 0
+    assert all(a == seqs[-1] + 1 for a, _ in tracker.lost_ranges)
+    assert indices([f for _, f in tracker.items]) == [5]
