@@ -128,20 +128,26 @@ def daemon_connect(daemon: RunningDaemon, session_id: str) -> Any:
 
 async def run_code(ws: ResumeSocket, pending: list[str], code: str,
                    tracker: ResumeTracker | None = None) -> list[str]:
-    """Send an execute_request; every frame text up to its idle status (iopub, so after all
-    its output), processed by `tracker` when given."""
+    """Send an execute_request; every frame text up to both its idle status (iopub, so after
+    all its output) and its execute_reply (shell: before or after the idle), processed by
+    `tracker` when given."""
     msg_id = uuid.uuid4().hex
     await ws.send_json(execute_message(code, msg_id))
     texts = []
+    idle = replied = False
     with trio.fail_after(60):
-        while True:
+        while not (idle and replied):
             text = await ws.receive_one(pending)
             texts.append(text)
             frame = tracker.process(text) if tracker is not None else json.loads(text)
-            if (frame.get("kind") == "jupyter" and frame["header"]["msg_type"] == "status"
-                    and frame["content"]["execution_state"] == "idle"
-                    and (frame["parent_header"] or {}).get("msg_id") == msg_id):
-                return texts
+            if (frame.get("kind") != "jupyter"
+                    or (frame["parent_header"] or {}).get("msg_id") != msg_id):
+                continue
+            msg_type = frame["header"]["msg_type"]
+            replied = replied or msg_type == "execute_reply"
+            idle = idle or (msg_type == "status"
+                            and frame["content"]["execution_state"] == "idle")
+    return texts
 
 
 def indices(frames: list[Frame]) -> list[int]:
@@ -512,7 +518,7 @@ async def test_resuming_beyond_the_newest_frame_resends_nothing(daemon: RunningD
     # it (the session's status event follows the kernel's idle), so that much is reported
     # lost, and nothing comes twice.
     ws, pending = await connect(seqs[-1])
-    tracker = ResumeTracker(keep=True, processed=seqs[-1], max_seen=seqs[-1])
+    tracker = ResumeTracker(keep=True, processed=seqs[-1], max_seen=seqs[-1], next_index=5)
     await run_code(ws, pending, "1", tracker)
     await ws.close_clean()
     assert tracker.violations == [] and tracker.duplicates == 0
