@@ -177,7 +177,7 @@ class Soak:
             # Includes the numbers of a dead daemon's reserved block it never used.
             "frames_lost_numbers": tracker.lost_frames(),
             "restart_seq_gaps": tracker.restart_gaps,
-            "indices_lost_at_kills": lost_indices,
+            "indices_missing": lost_indices,  # all at kills when paced
             "index_gaps": tracker.index_gaps,
             "violations": tracker.violations[:20],
             "every_other_index_once_in_order": exact,
