@@ -4,6 +4,12 @@ Statuses follow the reference (docs/protocol.md §6.1): a new session is `idle`,
 makes it `starting`, iopub busy/idle statuses move it between `busy` and `idle`, heartbeat loss
 makes it `offline`, and process exit makes it `exited`. Setting the current status again is a
 no-op, so every change yields exactly one status event.
+
+A kernel re-attached after a daemon crash may be running a cell the new daemon never saw. Its
+status is then a guess, `busy` (`guess=True`), until the kernel says: its shell answering our
+kernel_info_request means it is free (`after_shell_answer`), and any status it publishes
+replaces the guess. The old cell's idle status has a parent the daemon never sent; it counts
+like any other (core/relay.py decides on the message type only).
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ class SessionState:
     busy_since: float | None = None
     #: The status before `offline`, restored when the heartbeat comes back.
     before_offline: Status | None = None
+    #: The status is `busy` only because a re-attached kernel's shell has not answered yet.
+    busy_guessed: bool = False
 
-    def set(self, new: Status, now: float) -> bool:
-        """Move to `new`; return whether anything changed (and so an event is due)."""
+    def set(self, new: Status, now: float, *, guess: bool = False) -> bool:
+        """Move to `new`; return whether anything changed (and so an event is due). Any
+        status that is not a guess ends a guessed `busy`, even when it is `busy` itself."""
+        self.busy_guessed = guess and new == "busy"
         if new == self.status:
             return False
         if new == "offline":
@@ -37,6 +47,12 @@ class SessionState:
         self.idle_since = now if new in IDLE_LIKE else None
         self.busy_since = now if new == "busy" else None
         return True
+
+    def after_shell_answer(self) -> Status | None:
+        """The status due when a re-attached kernel answered kernel_info on shell: a kernel
+        running a cell holds its shell, so the answer means the cell is over. Only a guess
+        is corrected; a status the kernel published since stands."""
+        return "idle" if self.busy_guessed else None
 
     def idle_seconds(self, now: float) -> int:
         return int(now - self.idle_since) if self.idle_since is not None else 0

@@ -171,6 +171,9 @@ class Kernel:
         # Read on the message path for every message: kept at hand (see Probe).
         self._probe_ids = self._probe.ids
         self._iopub_seen = self._probe.iopub_seen
+        #: Our kernel_info_request on shell was answered: no cell runs (or ran until then).
+        #: Set during start, except for a re-attached kernel that was running a cell.
+        self.shell_answered = self._probe.shell_answered
 
     def __repr__(self) -> str:
         return (f"<Kernel session={self.params.session_id!r} pid={self.pid} "
@@ -231,6 +234,9 @@ class Kernel:
                             nursery.start_soon(self._pump, channel, sock, name=f"pump {channel}")
                         iopub = await stack.enter_async_context(self._open_iopub())
                         nursery.start_soon(self._pump_iopub, iopub, name="pump iopub")
+                        if self.attached is not None:
+                            # Answered once any cell it is running is over (shell_answered).
+                            await self._probe.send(self._send_shell_probe)
                         reply = await self._probe.run(
                             self._send_probe, timeout=self.params.startup_timeout,
                             retry=self.params.timeouts.kernel_info_retry)
@@ -341,6 +347,9 @@ class Kernel:
         # control answers kernel_info meanwhile.
         channel = "control" if self.attached is not None else "shell"
         await self.send_request(channel, "kernel_info_request", {}, msg_id=msg_id)
+
+    async def _send_shell_probe(self, msg_id: str) -> None:
+        await self.send_request("shell", "kernel_info_request", {}, msg_id=msg_id)
 
     def startup_output(self) -> str:
         return self._output.clean()

@@ -111,6 +111,10 @@ class Probe:
     def __init__(self) -> None:
         self.ids: set[str] = set()
         self.iopub_seen = trio.Event()
+        #: A probe sent on shell was answered: the kernel is not running a cell (one that
+        #: runs holds its shell). Probes of a re-attached kernel go on control, and one more
+        #: on shell (`send`) says when the cell it may be running is over.
+        self.shell_answered = trio.Event()
         self.reply: dict[str, Any] | None = None
         self._answered = trio.Event()
 
@@ -118,10 +122,13 @@ class Probe:
         """A message whose parent is one of our probes: not relayed (nor its statuses)."""
         if channel == "iopub":
             self.iopub_seen.set()
-        elif msg.msg_type == "kernel_info_reply" and self.reply is None:
-            content = msg.content_json()
-            self.reply = content if isinstance(content, dict) else {}
-            self._answered.set()
+        elif msg.msg_type == "kernel_info_reply":
+            if channel == "shell":
+                self.shell_answered.set()
+            if self.reply is None:
+                content = msg.content_json()
+                self.reply = content if isinstance(content, dict) else {}
+                self._answered.set()
 
     async def run(
         self, send: Callable[[str], Awaitable[Any]], *, timeout: float, retry: float
@@ -139,6 +146,10 @@ class Probe:
             assert self.reply is not None
             return self.reply
         return None
+
+    async def send(self, send: Callable[[str], Awaitable[Any]]) -> None:
+        """One more probe, outside `run` (its traffic is kept from the client too)."""
+        await self._send(send)
 
     async def _send(self, send: Callable[[str], Awaitable[Any]]) -> None:
         msg_id = wire.new_msg_id()

@@ -4,14 +4,18 @@ The session writes its record (state.py, `Session.persist`) whenever something a
 would need changes: created, kernel started or restarted (with its kernel_info_reply), kernel
 exited. A daemon that starts re-creates each orphaned session with its id, model and key
 (`Session.restore`), and then `reattach`es its kernel if it still runs: a `Kernel` on the
-existing process and ports (kernel.py, `attached`), asked for kernel_info on control. The
-client's first frame says what happened (`supervisorRestarted`): what the kernel published
-while no daemon listened is lost. See docs/durability.md.
+existing process and ports (kernel.py, `attached`), asked for kernel_info on control (a kernel
+running a cell answers there). It is also asked on shell, which a running cell holds: the
+session is `busy` until that answer, or a status from the kernel, says otherwise. The client's
+first frame says what happened (`supervisorRestarted`): what the kernel published while no
+daemon listened is lost. See docs/durability.md.
 """
 
 from __future__ import annotations
 
 import logging
+
+import trio
 
 from kallichore_trio import wire
 from kallichore_trio.errors import StartupFailure
@@ -62,3 +66,24 @@ async def _reattach(session: Session, orphan: Orphan) -> None:
                         session.session_id, ref.pid, exc)
             session.set_status("exited", f"could not re-attach the kernel: {exc}")
             session.persist()
+            return
+    if not kernel.shell_answered.is_set():
+        await _settle_status(session, kernel)
+
+
+async def _settle_status(session: Session, kernel: Kernel) -> None:
+    """The session is `busy` by guess: the kernel may be running a cell the dead daemon sent.
+    Wait for our kernel_info_request on shell to be answered (after that cell), then correct
+    the guess, unless the kernel published a status since (core/state.py). Bounded by the
+    incarnation: a kernel that ends, or is restarted, ends the wait."""
+    async with trio.open_nursery() as nursery:
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(wait, kernel.shell_answered)
+        nursery.start_soon(wait, kernel.finished)
+    due = session.state.after_shell_answer()
+    if kernel.shell_answered.is_set() and session.kernel is kernel and due is not None:
+        log.info("session %s: the re-attached kernel's shell answered", session.session_id)
+        session.set_status(due, "kernel_info_reply")

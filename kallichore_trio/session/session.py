@@ -87,6 +87,8 @@ HELD_LIMIT = 1000
 PORT_ATTEMPTS = 3
 #: Sequence numbers are reserved in the record this many at a time (Session._reserve_seqs).
 SEQ_BLOCK = 65_536
+#: The reason of a re-attached kernel's guessed `busy`.
+REATTACHED_BUSY = "re-attached; the kernel's shell has not answered yet"
 
 
 class Session:
@@ -227,8 +229,8 @@ class Session:
         while (client := self.client) is not None and client.holds_back:
             await client.wait_caught_up()
 
-    def set_status(self, new: Status, reason: str | None) -> None:
-        if not self.state.set(new, trio.current_time()):
+    def set_status(self, new: Status, reason: str | None, *, guess: bool = False) -> None:
+        if not self.state.set(new, trio.current_time(), guess=guess):
             return
         if new == "exited":
             self.clear_queue()
@@ -428,13 +430,14 @@ class Session:
         kernel_info (durable.reattach; start and adopt do the same inline)."""
         assert self._nursery is not None
         reply: dict[str, Any] = await self._nursery.start(self._run_kernel, kernel)
-        self._on_started(reply, parse_prompts=False)
+        self._on_started(reply, parse_prompts=False, shell_free=kernel.shell_answered.is_set())
 
     @property
     def lifecycle_lock(self) -> trio.Lock:
         return self._lifecycle
 
-    def _on_started(self, reply: dict[str, Any], *, parse_prompts: bool) -> None:
+    def _on_started(self, reply: dict[str, Any], *, parse_prompts: bool,
+                    shell_free: bool = True) -> None:
         self.kernel_info = reply
         self._kernel_ref = None
         if parse_prompts:
@@ -443,7 +446,10 @@ class Session:
                 self.input_prompt = positron["input_prompt"]
             if isinstance(positron.get("continuation_prompt"), str):
                 self.continuation_prompt = positron["continuation_prompt"]
-        self.set_status("idle", "kernel_info_reply")
+        if shell_free:
+            self.set_status("idle", "kernel_info_reply")
+        else:  # re-attached, and its shell has not answered: it may run a cell (core/state.py)
+            self.set_status("busy", REATTACHED_BUSY, guess=True)
         assert self._nursery is not None
         if self.kernel is not None and self._held:
             self._nursery.start_soon(self._flush_held, self.kernel)

@@ -26,6 +26,7 @@ from tests.helpers import (
     execute_request,
     is_idle_for,
     is_reply_to,
+    kernel_event,
     launch,
     new_session_body,
     process_gone,
@@ -220,6 +221,55 @@ async def test_kernels_survive_a_crash_and_are_reattached(short_dir: Path, kerne
         new_pid = session["process_id"]
         await stop(second, "sigterm")
     assert process_gone(new_pid)
+    assert records(short_dir) == []
+
+
+async def test_a_kernel_busy_with_a_cell_is_reattached_busy(short_dir: Path,
+                                                           kernel_pids: set[int]) -> None:
+    """The status of a re-attached kernel is what the kernel is doing: `busy` while a cell the
+    dead daemon sent still runs, `idle` when it ends (its idle status has a parent the new
+    daemon never saw), and `idle` at once for a kernel that runs nothing."""
+    release = short_dir / "release"
+    cell = os.urandom(8).hex()
+    # The cell runs until the test lets it end (bounded, so no kernel is left waiting).
+    code = (f"import os, time\nx = 7\nfor _ in range(2400):\n"
+            f"    if os.path.exists({str(release)!r}): break\n    time.sleep(0.05)\n"
+            f"print('cell over')")
+    async with daemon(short_dir, "a") as first:
+        await create_started(first, "py-busy", kernel_pids)
+        await create_started(first, "py-idle", kernel_pids)
+        async with channel(first, "py-busy") as ws:
+            await ws.send_text(json.dumps(execute_request(code, cell)))
+            with trio.fail_after(30):
+                while not (is_reply_to(frame := json.loads(await ws.receive_text()), cell,
+                                       "status")
+                           and frame["content"]["execution_state"] == "busy"):
+                    pass
+        await crash(first)
+
+    async with daemon(short_dir, "b") as second:
+        await wait_status(second, "py-busy", "busy")
+        # A kernel running nothing does not wait for anything: idle while the other one's
+        # cell still runs.
+        await wait_status(second, "py-idle", "idle")
+        assert (await sessions(second))["py-busy"]["status"] == "busy"
+        async with channel(second, "py-busy") as ws:
+            statuses: list[str] = []
+            frames: list[dict[str, Any]] = []
+            release.write_text("")
+            with trio.fail_after(60):
+                while not any(is_idle_for(f, cell) for f in frames):
+                    frames.append(frame := json.loads(await ws.receive_text()))
+                    if (event := kernel_event(frame, "status")) is not None:
+                        statuses.append(event["status"])
+            # Never idle before the cell the dead daemon sent was over.
+            assert statuses == ["starting", "busy", "idle"], statuses
+            assert any(f.get("kind") == "jupyter" and f["header"]["msg_type"] == "stream"
+                       and f["content"]["text"] == "cell over\n" for f in frames)
+            await wait_status(second, "py-busy", "idle")
+            out, _ = await run(ws, "print(x)")
+            assert out == "7\n"
+        await stop(second, "sigterm")
     assert records(short_dir) == []
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from kallichore_trio.core.outbox import Outbox
 from kallichore_trio.core.queue import ExecutionQueue, HeldMessages, QueueFull
+from kallichore_trio.core.relay import status_verdict
 from kallichore_trio.core.state import SessionState
 from kallichore_trio.wire import ClientMessage
 
@@ -43,6 +44,54 @@ def test_offline_remembers_the_status_to_restore() -> None:
     assert state.before_offline == "busy"
     state.set("busy", 2.0)
     assert state.before_offline is None
+
+
+# The status of a re-attached kernel, as the session drives it: `guess` is the re-attach
+# (Session._on_started, shell not answered yet), `shell` our kernel_info_reply on shell,
+# `busy`/`idle` an iopub status (its parent may be a cell the new daemon never sent).
+REATTACHED = [
+    # An idle kernel: the shell answers, the guess is corrected.
+    (["guess", "shell"], ["busy", "idle"]),
+    # The old cell ends first (its idle), then our request is answered: idle once.
+    (["guess", "idle", "shell"], ["busy", "idle"]),
+    # The old cell ends, a client's cell starts (busy) before our shell answer is read: the
+    # late answer must not make the running cell's session idle.
+    (["guess", "idle", "busy", "shell"], ["busy", "idle", "busy"]),
+    # A status the kernel published replaces the guess even when it says busy too.
+    (["guess", "busy", "shell"], ["busy"]),
+    (["guess", "busy", "shell", "idle"], ["busy", "idle"]),
+    # Not re-attached: a shell answer changes nothing.
+    (["busy", "shell"], ["busy"]),
+    (["shell"], []),
+]
+
+
+@pytest.mark.parametrize(("events", "statuses"), REATTACHED)
+def test_a_reattached_kernel_is_busy_until_it_says_otherwise(events: list[str],
+                                                            statuses: list[str]) -> None:
+    state = SessionState(status="starting")
+    changes: list[str] = []
+    for now, event in enumerate(events):
+        if event == "guess":
+            changed = state.set("busy", now, guess=True)
+        elif event == "shell":
+            due = state.after_shell_answer()
+            changed = due is not None and state.set(due, now)
+        else:
+            verdict = status_verdict({"execution_state": event}, "execute_request")
+            assert verdict.status is not None
+            changed = state.set(verdict.status, now)
+        if changed:
+            changes.append(state.status)
+    assert changes == statuses
+    assert state.busy_guessed is (events[-1] == "guess")
+
+
+def test_the_idle_of_a_cell_the_daemon_never_sent_ends_nothing_in_the_queue() -> None:
+    queue = ExecutionQueue()
+    queue.submit(request("client-cell"))
+    assert queue.finished("old-daemons-cell") is None
+    assert queue.active is not None and queue.active.msg_id == "client-cell"
 
 
 # ---- execution queue ------------------------------------------------------------------
