@@ -32,7 +32,7 @@ import zmq
 
 from kallichore_trio import wire
 from kallichore_trio.errors import ProcessStartFailed, SessionConnectionFailed, StartupFailure
-from kallichore_trio.kernel import launch
+from kallichore_trio.kernel import launch, output
 from kallichore_trio.kernel.connection import PortReservation, write_registration_file
 from kallichore_trio.kernel.launch import LaunchPlan
 from kallichore_trio.kernel.params import KernelParams
@@ -50,17 +50,12 @@ from kallichore_trio.transport.zmq_trio import (
 
 log = logging.getLogger(__name__)
 
-#: A line longer than this without a newline is passed on in pieces.
-MAX_LINE = 64 * 1024
 HEARTBEAT_PAYLOAD = b"kallichore-heartbeat"
 #: strerror(EADDRINUSE) as kernels print it when a port we gave them was taken meanwhile.
 ADDRESS_IN_USE = "Address already in use"
 IOPUB_RCVHWM = 20_000
 #: The zmq adapter's safety wake-up; an idle daemon with many sessions pays for each tick.
 SOCKET_TICK = 5.0
-#: How often an output file is looked at: soon after output, less often the longer it is quiet.
-FOLLOW_FIRST = 0.01
-FOLLOW_MAX = 0.5
 #: How often a re-attached kernel is checked for exit where there is no pidfd.
 EXIT_POLL = 0.5
 
@@ -367,11 +362,8 @@ class Kernel:
         pending = b""
         try:
             while chunk := await stream.receive_some(65536):
-                pending += chunk
-                while (cut := pending.find(b"\n")) >= 0 or len(pending) > MAX_LINE:
-                    end = cut + 1 if cut >= 0 else MAX_LINE
-                    self._on_line(name, pending[:end])
-                    pending = pending[end:]
+                pending = output.split_lines(pending + chunk,
+                                             lambda raw: self._on_line(name, raw))
             if pending:
                 self._on_line(name, pending)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -383,43 +375,14 @@ class Kernel:
 
     async def _follow_output(self, name: str, path: Path, from_end: bool) -> None:
         """Pass on what the kernel appends to its output file, until the process is gone and
-        the file read to its end. Polled: sooner after output, rarely while it is quiet."""
-        pending = b""
+        the file read to its end; what was read is given back past a bound (output.py)."""
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)
+            await output.follow(path, from_end=from_end, gone=self._process_gone,
+                                on_line=lambda raw: self._on_line(name, raw))
         except OSError as exc:
             log.warning("session %s: cannot follow the kernel's %s in %s: %s",
                         self.params.session_id, name, path, exc)
-            fd = None
-        try:
-            if fd is not None and from_end:
-                os.lseek(fd, 0, os.SEEK_END)  # what was written while nobody followed is lost
-            wait = FOLLOW_FIRST
-            while fd is not None:
-                chunk = os.read(fd, 65536)
-                if chunk:
-                    pending += chunk
-                    while (cut := pending.find(b"\n")) >= 0 or len(pending) > MAX_LINE:
-                        end = cut + 1 if cut >= 0 else MAX_LINE
-                        self._on_line(name, pending[:end])
-                        pending = pending[end:]
-                    wait = FOLLOW_FIRST
-                    await trio.lowlevel.checkpoint()
-                    continue
-                if self._process_gone.is_set():
-                    break
-                # Once quiet, on the shared grid (timers.py): every session's followers then
-                # wake in one scheduler round instead of one round each.
-                deadline = (next_multiple(FOLLOW_MAX) if wait >= FOLLOW_MAX
-                            else trio.current_time() + wait)
-                with trio.move_on_at(deadline):
-                    await self._process_gone.wait()
-                wait = min(wait * 2, FOLLOW_MAX)
-            if pending:
-                self._on_line(name, pending)
         finally:
-            if fd is not None:
-                os.close(fd)
             self._open_readers -= 1
             if self._open_readers == 0:
                 self._readers_done.set()

@@ -19,6 +19,7 @@ import pytest
 import trio
 from httpx_ws import aconnect_ws
 
+from kallichore_trio.kernel.output import OUTPUT_FILE_BOUND
 from tests.helpers import (
     KCSERVER,
     STARTUP_TIMEOUT,
@@ -28,6 +29,7 @@ from tests.helpers import (
     is_reply_to,
     kernel_event,
     launch,
+    mini_argv,
     new_session_body,
     process_gone,
     stop,
@@ -270,6 +272,33 @@ async def test_a_kernel_busy_with_a_cell_is_reattached_busy(short_dir: Path,
             out, _ = await run(ws, "print(x)")
             assert out == "7\n"
         await stop(second, "sigterm")
+    assert records(short_dir) == []
+
+
+async def test_a_kernel_flooding_its_own_stdout_keeps_its_file_small(
+        short_dir: Path, kernel_pids: set[int]) -> None:
+    """Output a kernel writes to its own stdout (not iopub) goes through a file in the state
+    directory; the daemon gives back what it has read (kernel/output.py), so the file stays
+    under OUTPUT_FILE_BOUND while every line still arrives, in order, as an `output` event."""
+    lines = 300  # of 60,000 bytes: 18 MB, over twice the bound
+    async with daemon(short_dir, "a") as server:
+        await create_started(server, "mini-flood", kernel_pids, argv=mini_argv("flood_stdout"))
+        (stdout_file,) = (short_dir / "state").glob("*.stdout")
+        async with channel(server, "mini-flood") as ws:
+            await ws.send_text(json.dumps(execute_request(str(lines))))
+            seen: list[int] = []
+            with trio.fail_after(120):
+                while len(seen) < lines:
+                    event = kernel_event(json.loads(await ws.receive_text()), "output")
+                    if event is not None and event[0] == "stdout" and event[1][0].isdigit():
+                        number, _, rest = event[1].partition(" ")
+                        assert len(rest) == 60_000 - len(number) - 1
+                        seen.append(int(number))
+            assert seen == list(range(lines))
+        kept = stdout_file.stat()
+        # Disk use, whichever way the filesystem lets the daemon give output back (output.py).
+        assert kept.st_blocks * 512 < OUTPUT_FILE_BOUND + 1024 * 1024, kept
+        await stop(server, "sigterm")
     assert records(short_dir) == []
 
 

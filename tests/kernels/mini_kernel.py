@@ -26,6 +26,9 @@ Modes:
                 is unsure whether its request arrived may send it again). The iopub socket
                 has no high-water mark: whatever the daemon does not read in time waits in
                 libzmq, never dropped by the kernel.
+  flood_stdout  like normal; an execute_request whose code is a number N writes N lines of
+                60,000 bytes to the process's own stdout (not iopub), before its reply: line
+                i is `i` and then x's
 
 Every mode first prints `mini kernel pid <n>` on stdout.
 """
@@ -161,6 +164,10 @@ while True:
                 pause = float(content.get("code") or 0)
             if mode == "flood":
                 flood(content.get("code") or "", parent)
+            if mode == "flood_stdout":
+                for i in range(int(content.get("code") or 0)):
+                    line = f"{i} ".encode()
+                    os.write(1, line + b"x" * (60_000 - len(line) - 1) + b"\n")
             if mode == "late_stdin":
                 bind_stdin()
                 value = ask_for_input(idents, parent)

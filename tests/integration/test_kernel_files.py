@@ -1,0 +1,101 @@
+"""What the daemon does with a kernel process it did not start or cannot pipe: the kernel's
+output files (kernel/output.py: followed, and given back past a bound, whichever way the
+filesystem allows) and the exit watch of a re-attached kernel (launch.wait_gone: a pidfd, or a
+poll where there is none). Real child processes, real files; each way forced in turn."""
+
+from __future__ import annotations
+
+import errno
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from kallichore_trio.kernel import launch, output
+from kallichore_trio.kernel.output import OutputFile, Trim
+
+BOUND = 64 * 1024
+LINES = 20_000
+# Numbered lines of about 100 bytes: 2 MB in all, some thirty times the bound.
+WRITER = ("import os\n"
+          f"for i in range({LINES}):\n"
+          "    os.write(1, b'%d ' % i + b'x' * 94 + b'\\n')\n")
+
+
+async def flood(tmp_path: Path) -> tuple[list[bytes], OutputFile, Path]:
+    """Run the writer as a kernel is run (launch.spawn: its stdout a file opened O_APPEND) and
+    follow its stdout as the daemon does, with a small bound."""
+    files = (tmp_path / "k.stdout", tmp_path / "k.stderr")
+    process = await launch.spawn([sys.executable, "-c", WRITER], {}, None, files)
+    gone = trio.Event()
+    lines: list[bytes] = []
+    opened: list[OutputFile] = []
+    async with trio.open_nursery() as nursery:
+        async def watch() -> None:
+            await process.wait()
+            gone.set()
+
+        nursery.start_soon(watch)
+        with trio.fail_after(60):
+            await output.follow(files[0], from_end=False, gone=gone, on_line=lines.append,
+                                bound=BOUND, opened=opened.append)
+    assert process.returncode == 0
+    return lines, opened[0], files[0]
+
+
+def numbers(lines: list[bytes]) -> list[int]:
+    for line in lines:
+        assert line.endswith(b"x" * 94 + b"\n"), line[:40]
+    return [int(line.split(b" ", 1)[0]) for line in lines]
+
+
+def fail_for(modes: int) -> object:
+    """A stand-in for output.fallocate that fails like a filesystem without `modes`."""
+    real = output.fallocate
+
+    def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+        if mode & modes:
+            raise OSError(errno.EOPNOTSUPP, "not supported here (test)")
+        real(fd, mode, offset, length)
+
+    return fallocate
+
+
+async def test_a_flooding_writer_loses_nothing_and_its_file_stays_small(
+        tmp_path: Path) -> None:
+    lines, followed, path = await flood(tmp_path)
+    assert numbers(lines) == list(range(LINES))
+    assert followed.trims > 0
+    kept = path.stat()
+    assert kept.st_blocks * 512 < 2 * BOUND
+    if followed.trim_method is Trim.COLLAPSE:  # ext4, XFS: the file itself shrinks
+        assert kept.st_size < BOUND
+
+
+async def test_without_collapse_the_read_part_is_punched_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(output, "fallocate", fail_for(output.FALLOC_FL_COLLAPSE_RANGE))
+    lines, followed, path = await flood(tmp_path)
+    if followed.trim_method is not Trim.PUNCH:
+        pytest.skip(f"this filesystem punches no holes either ({path})")
+    assert numbers(lines) == list(range(LINES))
+    assert followed.trims > 0
+    kept = path.stat()
+    assert kept.st_size >= 2 * 1000 * 1000  # nothing moved: a sparse file ...
+    assert kept.st_blocks * 512 < 2 * BOUND  # ... whose read part holds no disk
+
+
+async def test_without_fallocate_the_file_is_emptied_once_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last resort: ftruncate when everything was read. A write between the size check
+    and the truncation is lost (docs/durability.md), so this asserts only what always holds:
+    no line twice, none out of order, and a small file."""
+    monkeypatch.setattr(output, "fallocate",
+                        fail_for(output.FALLOC_FL_COLLAPSE_RANGE | output.FALLOC_FL_PUNCH_HOLE))
+    lines, followed, path = await flood(tmp_path)
+    assert followed.trim_method is Trim.TRUNCATE
+    seen = numbers(lines)
+    assert seen == sorted(set(seen))
+    assert followed.trims > 0
+    assert path.stat().st_size < BOUND
