@@ -56,8 +56,6 @@ ADDRESS_IN_USE = "Address already in use"
 IOPUB_RCVHWM = 20_000
 #: The zmq adapter's safety wake-up; an idle daemon with many sessions pays for each tick.
 SOCKET_TICK = 5.0
-#: How often a re-attached kernel is checked for exit where there is no pidfd.
-EXIT_POLL = 0.5
 
 
 def zmq_identity(session_id: str) -> bytes:
@@ -430,7 +428,7 @@ class Kernel:
 
     async def _watch_attached(self) -> None:
         assert self.attached is not None
-        await wait_gone(self.attached)
+        await launch.wait_gone(self.attached)
         self._process_gone.set()
         with trio.move_on_after(1.0):
             await self._readers_done.wait()
@@ -617,7 +615,7 @@ class Kernel:
             if not self._process_gone.is_set():
                 launch.signal_group(self.attached.pid, signal.SIGKILL)
                 with trio.move_on_after(self.params.timeouts.kill):
-                    await wait_gone(self.attached)
+                    await launch.wait_gone(self.attached)
                     self._process_gone.set()
             launch.signal_group(self.attached.pid, signal.SIGKILL)
             if not self.exited.is_set():
@@ -640,21 +638,3 @@ class Kernel:
                 os.unlink(self.plan.connection_file)
             except OSError:
                 pass
-
-
-async def wait_gone(ref: ProcessRef) -> None:
-    """Return once the process `ref` names has ended. It is not our child, so there is no
-    waitpid: a pidfd where the OS has them, else a poll."""
-    try:
-        fd = os.pidfd_open(ref.pid)
-    except ProcessLookupError:
-        return
-    except (AttributeError, OSError):
-        while ref.alive():
-            await trio.sleep(EXIT_POLL)
-        return
-    try:
-        if ref.alive():  # the pidfd is for the same process, not a successor on a reused pid
-            await trio.lowlevel.wait_readable(fd)
-    finally:
-        os.close(fd)

@@ -28,6 +28,7 @@ from kallichore_trio.kernel.connection import (
     write_kernel_connection_file,
 )
 from kallichore_trio.models import ConnectionInfo, NewSession, VarAction
+from kallichore_trio.state import ProcessRef
 
 log = logging.getLogger(__name__)
 
@@ -287,3 +288,31 @@ def process_cwd(pid: int) -> str | None:
         return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return None
+
+
+#: How often a process that is not our child is checked for exit where there is no pidfd.
+EXIT_POLL = 0.5
+
+
+def open_pidfd(pid: int) -> int:
+    """A pidfd for `pid` (Linux 5.3+); OSError or AttributeError where there is none."""
+    return os.pidfd_open(pid)
+
+
+async def wait_gone(ref: ProcessRef) -> None:
+    """Return once the process `ref` names has ended. It is not our child (a kernel
+    re-attached after a daemon crash), so there is no waitpid: a pidfd where the OS has them,
+    else a poll every EXIT_POLL seconds."""
+    try:
+        fd = open_pidfd(ref.pid)
+    except ProcessLookupError:
+        return
+    except (AttributeError, OSError):
+        while ref.alive():
+            await trio.sleep(EXIT_POLL)
+        return
+    try:
+        if ref.alive():  # the pidfd is for the same process, not a successor on a reused pid
+            await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)

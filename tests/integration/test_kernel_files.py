@@ -6,14 +6,17 @@ poll where there is none). Real child processes, real files; each way forced in 
 from __future__ import annotations
 
 import errno
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from kallichore_trio.kernel import launch, output
 from kallichore_trio.kernel.output import OutputFile, Trim
+from kallichore_trio.state import ProcessRef
 
 BOUND = 64 * 1024
 LINES = 20_000
@@ -99,3 +102,49 @@ async def test_without_fallocate_the_file_is_emptied_once_read(
     assert seen == sorted(set(seen))
     assert followed.trims > 0
     assert path.stat().st_size < BOUND
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "poll"])
+async def test_the_exit_of_a_process_that_is_not_ours_to_wait_for_is_seen(
+        pidfd: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = trio.Event()
+    real = launch.open_pidfd
+
+    def open_pidfd(pid: int) -> int:
+        asked.set()
+        if not pidfd:
+            raise OSError(errno.ENOSYS, "no pidfd here (test)")
+        return real(pid)
+
+    monkeypatch.setattr(launch, "open_pidfd", open_pidfd)
+    if not pidfd:
+        monkeypatch.setattr(launch, "EXIT_POLL", 0.05)
+    # It runs until its stdin closes; nobody reaps it while it is watched (as for a kernel
+    # of a dead daemon, whose parent is not us).
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        ref = ProcessRef.of(process.pid)
+        assert ref is not None
+        gone = trio.Event()
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                await launch.wait_gone(ref)
+                gone.set()
+
+            nursery.start_soon(watch)
+            with trio.fail_after(10):
+                await asked.wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert not gone.is_set()  # it runs: nothing to see yet
+            assert process.stdin is not None
+            await process.stdin.aclose()
+            with trio.fail_after(10):
+                await gone.wait()
+        assert not ref.alive()
+        # A process already gone is seen at once, either way.
+        with trio.fail_after(10):
+            await launch.wait_gone(ref)
+    finally:
+        process.kill()
+        await process.wait()
