@@ -15,9 +15,11 @@ without end, so once `OUTPUT_FILE_BOUND` bytes have been read, what was read is 
    freed and nothing moves, so nothing is lost either; the file's apparent size keeps growing
    (a sparse file), its disk use does not.
 3. Elsewhere (no `fallocate`: macOS, some network filesystems), empty the file once everything
-   in it was read: `ftruncate(0)` when its size equals our read offset. That is two system
-   calls, and a write that lands between them is lost: the one race left, documented in
-   docs/durability.md.
+   in it was read and it ends with a whole line: `ftruncate(0)` when its size equals our read
+   offset. That is two system calls, and a write that lands between them is lost: the one race
+   left, documented in docs/durability.md. (The whole line matters: a reader may see the first
+   pages of a write still under way, and a truncation then would keep that write's head and
+   lose its tail, gluing the head to the next line.)
 """
 
 from __future__ import annotations
@@ -122,7 +124,7 @@ class OutputFile:
 
     def trim(self, *, caught_up: bool) -> None:
         """Give back what was read, if it is over the bound. `caught_up`: the last read found
-        nothing more (only then may a truncation be tried)."""
+        nothing more and no partial line is pending (only then may a truncation be tried)."""
         while self.due and self.trim_method is not None:
             method = self.trim_method
             try:
@@ -192,7 +194,9 @@ async def follow(path: Path, *, from_end: bool, gone: trio.Event,
                 await trio.lowlevel.checkpoint()
                 continue
             if output.due:
-                output.trim(caught_up=True)
+                # A partial line pending may be a write still under way (a reader can see the
+                # first pages of a write before the rest): not caught up with it.
+                output.trim(caught_up=not pending)
             if gone.is_set():
                 break
             # Once quiet, on the shared grid (timers.py): every session's followers then
