@@ -55,12 +55,16 @@ class Timeouts:
     execute: float = 300.0  # one execution
     stop: float = 30.0  # a killed kernel to exit
     interrupted: float = 10.0  # an interrupted execution to end (its reply and idle)
+    reconnect: float = 30.0  # a lost channel to be resumed (attempts with backoff within it)
 
 
 class AsyncClient:
     def __init__(self, address: discovery.ServerAddress, *, timeout_scale: float = 1.0,
-                 timeouts: Timeouts | None = None) -> None:
+                 timeouts: Timeouts | None = None, resume: bool = True) -> None:
         self.address = address
+        #: Ask the daemon to number the channels' frames, and resume lost connections
+        #: (docs/client.md, "Resuming a broken channel").
+        self.resume = resume
         self.timeout_scale = timeout_scale
         self.timeouts = timeouts or Timeouts()
         self._sessions: dict[str, AsyncSession] = {}

@@ -96,6 +96,16 @@ class ChannelClosed(ClientError):
         self.evicted = evicted
 
 
+class ResumeFailed(ChannelClosed):
+    """The channel broke and could not be resumed: every attempt to reconnect failed within
+    `Timeouts.reconnect` (`attempts`; `cause`: the last attempt's error)."""
+
+    def __init__(self, message: str, *, attempts: int, cause: BaseException | None) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.cause = cause
+
+
 class KernelDied(ClientError):
     """The kernel exited while something was waiting for it."""
 

@@ -87,6 +87,27 @@ class ExecutionQueued(KernelEvent):
 
 
 @attrs.frozen
+class FramesLost(KernelEvent):
+    """Frames `first` to `last` of the session's stream will not come (the daemon shed them,
+    or another client consumed them); see docs/client.md, "Resuming a broken channel".
+    `history`: reported when this client attached, about frames from before it."""
+
+    first: int
+    last: int
+    history: bool = False
+
+
+@attrs.frozen
+class SupervisorRestarted(KernelEvent):
+    """The daemon crashed and another took the session over (docs/durability.md): what the
+    kernel published meanwhile is lost. `history` as for FramesLost."""
+
+    previous_server_id: str | None
+    gap_ms: int | None
+    history: bool = False
+
+
+@attrs.frozen
 class OtherEvent(KernelEvent):
     """An event this client has no class for (handshakeCompleted, executionRequested, or a
     newer one)."""
@@ -109,7 +130,18 @@ def _event(name: str, payload: Any) -> KernelEvent:
         return ClientDisconnected(name, str(payload))
     if name == "executionQueued" and isinstance(payload, str):
         return ExecutionQueued(name, payload)
+    if (name == "framesLost" and isinstance(payload, dict)
+            and _is_int(payload.get("first")) and _is_int(payload.get("last"))):
+        return FramesLost(name, payload["first"], payload["last"])
+    if name == "supervisorRestarted" and isinstance(payload, dict):
+        server, gap = payload.get("previous_server_id"), payload.get("gap_ms")
+        return SupervisorRestarted(name, server if isinstance(server, str) else None,
+                                   gap if _is_int(gap) else None)
     return OtherEvent(name, payload)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class FrameError(ValueError):
@@ -118,12 +150,22 @@ class FrameError(ValueError):
 
 def parse_frame(text: str) -> Message | KernelEvent:
     """One server text frame."""
+    return parse_object(load_frame(text))
+
+
+def load_frame(text: str) -> dict[str, Any]:
+    """A server text frame as a JSON object (FrameError when it is none)."""
     try:
         obj = json.loads(text)
     except ValueError as exc:
         raise FrameError(f"frame is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise FrameError("frame is not a JSON object")
+    return obj
+
+
+def parse_object(obj: dict[str, Any]) -> Message | KernelEvent:
+    """A server frame already loaded (`load_frame`), its `seq` taken out."""
     kind = obj.get("kind")
     if kind == "kernel":
         names = [k for k in obj if k != "kind"]

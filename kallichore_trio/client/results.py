@@ -7,11 +7,13 @@ execution's result is (streams joined, outputs in order, the error, a window on 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
 
 from kallichore_trio.client.errors import KernelError
+from kallichore_trio.client.messages import KernelEvent
 from kallichore_trio.core.collector import ExecutionCollector
 
 
@@ -44,6 +46,14 @@ class ExecutionResult:
     #: display_data bundles in order, then the execute_result (if any) last.
     outputs: list[Output]
     error: ErrorInfo | None = None
+    #: FramesLost / SupervisorRestarted notices that came while it ran: frames of the session
+    #: were lost then, possibly some of this execution's output (docs/client.md).
+    notices: tuple[KernelEvent, ...] = ()
+
+    @property
+    def may_be_incomplete(self) -> bool:
+        """The daemon reported frames lost while it ran (see `notices`)."""
+        return bool(self.notices)
 
     @property
     def ok(self) -> bool:
@@ -64,7 +74,8 @@ class ExecutionResult:
         return self
 
 
-def result_from(collector: ExecutionCollector, msg_id: str) -> ExecutionResult:
+def result_from(collector: ExecutionCollector, msg_id: str,
+                notices: Iterable[KernelEvent] = ()) -> ExecutionResult:
     body = collector.result()
     stdout: list[str] = []
     stderr: list[str] = []
@@ -81,4 +92,5 @@ def result_from(collector: ExecutionCollector, msg_id: str) -> ExecutionResult:
         error = ErrorInfo(body["error_name"], body["error_message"], body["error_traceback"])
     return ExecutionResult(msg_id=msg_id, status=body["status"],
                            execution_count=body["execution_count"], stdout="".join(stdout),
-                           stderr="".join(stderr), outputs=outputs, error=error)
+                           stderr="".join(stderr), outputs=outputs, error=error,
+                           notices=tuple(notices))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from kallichore_trio.client import messages as m
+from kallichore_trio.client.channel import Channel
 from kallichore_trio.client.errors import (
     ChannelClosed,
     ClientError,
@@ -34,7 +35,6 @@ from kallichore_trio.client.errors import (
     KernelDied,
 )
 from kallichore_trio.client.results import ExecutionResult, result_from
-from kallichore_trio.client.websocket import HandshakeRejected, WebSocket, WebSocketClosed
 from kallichore_trio.core.collector import ExecutionCollector
 
 if TYPE_CHECKING:
@@ -122,6 +122,8 @@ class ExecutionStream:
         self.timeout = timeout
         self._on_input = on_input
         self.timed_out = False
+        #: FramesLost / SupervisorRestarted notices that came while it ran (result().notices).
+        self.notices: list[m.KernelEvent] = []
 
     def extend_deadline(self, seconds: float) -> None:
         """Wait up to `seconds` more from now; no more input is answered."""
@@ -162,7 +164,7 @@ class ExecutionStream:
                                           channel="stdin", parent=(msg.msg_id, msg.msg_type)))
 
     def result(self) -> ExecutionResult:
-        return result_from(self.collector, self.msg_id)
+        return result_from(self.collector, self.msg_id, self.notices)
 
 
 class AsyncSession:
@@ -172,7 +174,11 @@ class AsyncSession:
     def __init__(self, client: AsyncClient, session_id: str) -> None:
         self.client = client
         self.id = session_id
-        self._ws: WebSocket | None = None
+        self._channel: Channel | None = None
+        self._streams: dict[str, ExecutionStream] = {}
+        #: Called with each FramesLost / SupervisorRestarted that may concern this client's
+        #: requests (not the `history` ones), in the reader task: keep it quick.
+        self.on_notice: Callable[[m.KernelEvent], object] | None = None
         self._connect_lock = trio.Lock()
         self._waiters: dict[str, trio.MemorySendChannel[m.Message]] = {}
         self._subscribers: list[trio.MemorySendChannel[m.KernelEvent]] = []
@@ -199,14 +205,14 @@ class AsyncSession:
 
     @property
     def attached(self) -> bool:
-        return self._ws is not None
+        return self._channel is not None
 
     async def attach(self, *, force: bool = False) -> None:
         """Open the channel now (it opens on first use otherwise). Evicts the session's
         current client. Once another client took the channel from this one, only
         `force=True` takes it back (so that two clients do not evict each other in turn)."""
         async with self._connect_lock:
-            if self._ws is not None:
+            if self._channel is not None:
                 return
             if self._evicted and not force:
                 raise ChannelClosed(f"session {self.id}: another client took the session's "
@@ -214,76 +220,45 @@ class AsyncSession:
                                     evicted=True)
             self._evicted = False
             timeout = self._timeout(None, "request")
+            channel = Channel(self.id, self.client.address,
+                              lambda: self.client.channels_path(self.id),
+                              ask_resume=self.client.resume,
+                              reconnect_timeout=self._timeout(None, "reconnect"))
             with trio.move_on_after(timeout):
-                ws = await self._open()
+                await channel.connect()
                 self._failure = None
                 self._closed_event = trio.Event()
-                self._ws = ws
-                self.client._nursery.start_soon(self._read, ws)
+                self._channel = channel
+                self.client._nursery.start_soon(self._read, channel)
+                self.client._nursery.start_soon(channel.ack_loop)
                 return
             raise ClientTimeout(f"session {self.id}: opening the channel took more than "
                                 f"{timeout:g} s")
 
-    async def _open(self) -> WebSocket:
-        address = self.client.address
-        token = address.token
-        try:
-            if address.uds is None:
-                host, _, port = address.base_url.split("://", 1)[1].partition(":")
-                stream: trio.abc.Stream = await trio.open_tcp_stream(
-                    host, int(port.split("/")[0] or 80))
-                target = f"/sessions/{self.id}/channels"
-                host_header = f"{host}:{port}"
-            else:
-                # The socket transport: the session's own Unix socket (docs/protocol.md §1.3).
-                path = await self.client.channels_path(self.id)
-                stream = await trio.open_unix_socket(path)
-                target = f"/api/channels/{self.id}"
-                host_header = "localhost"
-        except OSError as exc:
-            raise ChannelClosed(f"session {self.id}: cannot connect to the daemon at "
-                                f"{address.describe()}: {exc}") from None
-        try:
-            return await WebSocket.connect(stream, target, host=host_header, token=token)
-        except HandshakeRejected as exc:
-            await stream.aclose()
-            from kallichore_trio.client.errors import AuthError, SessionNotFound
+    @property
+    def channel(self) -> Channel | None:
+        """The open channel (None when detached): `reconnects`, `last_seq`, and
+        `abort_connection()` to break it as a network failure would (tests)."""
+        return self._channel
 
-            if exc.status == 401:
-                raise AuthError(f"session {self.id}: the daemon refused the token") from None
-            if b"KS-1" in exc.body or exc.status == 404:
-                raise SessionNotFound(f"session {self.id}: no such session", status=404,
-                                      code="KS-1") from None
-            raise ChannelClosed(f"session {self.id}: channel refused: {exc}") from None
-        except WebSocketClosed as exc:
-            await stream.aclose()
-            raise ChannelClosed(f"session {self.id}: {exc}") from None
-
-    async def _read(self, ws: WebSocket) -> None:
+    async def _read(self, channel: Channel) -> None:
         error = ChannelClosed(f"session {self.id}: channel closed by this client")
         try:
             while True:
                 try:
-                    text = await ws.receive_text()
-                except WebSocketClosed as exc:
-                    why = ("another client took the session's channel" if self._evicted
-                           else str(exc))
-                    error = ChannelClosed(f"session {self.id}: channel closed: {why}",
-                                          evicted=self._evicted)
+                    frame = await channel.receive()
+                except ChannelClosed as exc:
+                    error = exc
                     return
-                try:
-                    frame = m.parse_frame(text)
-                except m.FrameError:
-                    continue
                 if isinstance(frame, m.Message):
                     await self._route(frame)
                 else:
                     self._on_event(frame)
         finally:
-            self._ws = None
+            self._channel = None
             self._end(error)
             with trio.CancelScope(shield=True):
-                await ws.aclose()
+                await channel.aclose()
 
     async def _route(self, msg: m.Message) -> None:
         self.recent_messages.append(msg)
@@ -310,6 +285,12 @@ class AsyncSession:
         elif isinstance(event, m.ExitedEvent):
             self.exit_code = event.exit_code
             self.client._nursery.start_soon(self._confirm_exit, event.exit_code)
+        elif isinstance(event, (m.FramesLost, m.SupervisorRestarted)) and not event.history:
+            # Frames may be missing from what the running executions collect.
+            for stream in self._streams.values():
+                stream.notices.append(event)
+            if self.on_notice is not None:
+                self.on_notice(event)
         for sub in list(self._subscribers):
             try:
                 sub.send_nowait(event)
@@ -357,9 +338,9 @@ class AsyncSession:
 
     async def close(self) -> None:
         """Let go of the channel (the kernel keeps running)."""
-        ws = self._ws
-        if ws is not None:
-            await ws.aclose()
+        channel = self._channel
+        if channel is not None:
+            await channel.aclose()
             with trio.move_on_after(5):
                 await self._closed_event.wait()
 
@@ -368,13 +349,10 @@ class AsyncSession:
     async def send(self, message: dict[str, Any]) -> None:
         """Send one Jupyter message in relay form (`messages.request` builds one)."""
         await self.attach()
-        ws = self._ws
-        if ws is None:
+        channel = self._channel
+        if channel is None:
             raise self._failure_for(message["header"]["msg_type"])
-        try:
-            await ws.send_text(json.dumps(message))
-        except WebSocketClosed as exc:
-            raise ChannelClosed(f"session {self.id}: {exc}") from None
+        await channel.send_text(json.dumps(message))
 
     @asynccontextmanager
     async def request(self, message: dict[str, Any]
@@ -427,9 +405,14 @@ class AsyncSession:
                                     stop_on_error=stop_on_error)
         message = m.request("execute_request", content)
         self.last_code = code
+        msg_id = message["header"]["msg_id"]
         async with self.request(message) as recv:
-            yield ExecutionStream(self, message["header"]["msg_id"], code, recv, timeout,
-                                  handler)
+            stream = self._streams[msg_id] = ExecutionStream(self, msg_id, code, recv, timeout,
+                                                             handler)
+            try:
+                yield stream
+            finally:
+                self._streams.pop(msg_id, None)
 
     async def execute(self, code: str, *, timeout: float | None = None,
                       input: InputHandler | Iterable[str] | None = None,

@@ -91,8 +91,9 @@ class Client:
     """The daemon's API, synchronous. `with Client.find() as kc: ...`, or call `close()`."""
 
     def __init__(self, address: discovery.ServerAddress, *, timeout_scale: float = 1.0,
-                 timeouts: Timeouts | None = None) -> None:
-        self.aclient = AsyncClient(address, timeout_scale=timeout_scale, timeouts=timeouts)
+                 timeouts: Timeouts | None = None, resume: bool = True) -> None:
+        self.aclient = AsyncClient(address, timeout_scale=timeout_scale, timeouts=timeouts,
+                                   resume=resume)
         self._loop = _LoopThread(self.aclient)
         self._sessions: dict[str, Session] = {}
 
@@ -320,6 +321,15 @@ class Session:
     def last_result(self) -> ExecutionResult | None:
         """The last execution's result (partial if it timed out)."""
         return self.asession.last_result
+
+    @property
+    def on_notice(self) -> Callable[[m.KernelEvent], object] | None:
+        """See AsyncSession.on_notice (called in the client's loop thread)."""
+        return self.asession.on_notice
+
+    @on_notice.setter
+    def on_notice(self, callback: Callable[[m.KernelEvent], object] | None) -> None:
+        self.asession.on_notice = callback
 
     @property
     def recent_events(self) -> list[m.KernelEvent]:

@@ -7,6 +7,8 @@ One task reads (`receive_text`); any task may send (a lock keeps frames whole).
 
 from __future__ import annotations
 
+import socket
+import struct
 from collections import deque
 
 import trio
@@ -135,6 +137,16 @@ class WebSocket:
             for event in self._ws.events():
                 await self._handle(event)
         return self._pending.popleft()
+
+    async def abort(self) -> None:
+        """Drop the connection at once, as a network failure would: no Close frame, and on TCP
+        a reset (SO_LINGER 0) rather than an orderly FIN. The task reading sees the
+        connection break. (For tests of what follows a lost connection.)"""
+        sock = getattr(self._stream, "socket", None)
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self._closed = self._closed or WebSocketClosed("the connection was aborted")
+        await self._stream.aclose()
 
     async def aclose(self) -> None:
         """Send a Close (best effort, briefly) and close the stream."""
