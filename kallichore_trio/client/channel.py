@@ -165,9 +165,9 @@ class Channel:
                 obj = m.load_frame(text)
             except m.FrameError:
                 continue
-            fresh = self.state.fresh
             seq = take_seq(obj)
-            if self.state.on_frame(seq, obj, trio.current_time()) is Verdict.DUPLICATE:
+            verdict = self.state.on_frame(seq, obj, trio.current_time())
+            if verdict is Verdict.DUPLICATE:
                 continue
             if self.state.take_wake():
                 self._ack_wake.set()
@@ -175,7 +175,8 @@ class Channel:
                 frame = m.parse_object(obj)
             except m.FrameError:
                 continue
-            if fresh and isinstance(frame, (m.FramesLost, m.SupervisorRestarted)):
+            if verdict is Verdict.HISTORY and isinstance(frame, (m.FramesLost,
+                                                                 m.SupervisorRestarted)):
                 frame = attrs.evolve(frame, history=True)
             return frame
 

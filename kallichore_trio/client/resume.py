@@ -33,6 +33,9 @@ class Verdict(enum.Enum):
 
     DELIVER = "deliver"  # a frame of the session's stream (or a notice): route it
     DUPLICATE = "duplicate"  # numbered at or below what was processed: drop it
+    #: A notice about the time before this client attached (the frames other clients were
+    #: sent, a crash before it came): route it, but it is no loss of this client's.
+    HISTORY = "history"
 
 
 def take_seq(frame: dict[str, Any]) -> int | None:
@@ -66,9 +69,10 @@ class ResumeState:
     numbered: bool | None = None
     #: Evicted by another client (its `clientDisconnected` notice came): never reconnect.
     evicted: bool = False
-    #: True until this attach processed its first numbered frame: notices seen until then are
-    #: about the time before the client attached, not losses of its own.
-    fresh: bool = True
+    #: The first frame this attach processed: losses below it, and a supervisorRestarted
+    #: before it, are about the time before the client attached (`resume=0` asks for the
+    #: session's whole stream), not losses of its own.
+    first: int | None = None
     acked: int = 0
     unacked_frames: int = 0
     unacked_since: float | None = None
@@ -101,17 +105,24 @@ class ResumeState:
             if seq <= self.last:
                 return Verdict.DUPLICATE
             self.last = seq
-            self.fresh = False
             self._processed(now)
+            if self.first is None:
+                self.first = seq
+                if kernel_notice(frame) == "supervisorRestarted":
+                    return Verdict.HISTORY
             return Verdict.DELIVER
         notice = kernel_notice(frame)
         if notice == "framesLost":
             lost_to = _range_end(frame["framesLost"])
-            if lost_to is not None and lost_to > self.last:
+            if lost_to is None:
+                return Verdict.DELIVER
+            if lost_to > self.last:
                 # Nothing below lost_to will come: resuming from there avoids hearing of
                 # the same loss twice after another break.
                 self.last = lost_to
                 self._processed(now)
+            if self.first is None or lost_to < self.first:
+                return Verdict.HISTORY
             return Verdict.DELIVER
         if notice == "clientDisconnected":
             self.evicted = True
