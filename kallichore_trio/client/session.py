@@ -33,6 +33,7 @@ from kallichore_trio.client.errors import (
     ClientTimeout,
     ExecutionTimeout,
     KernelDied,
+    ResumeFailed,
 )
 from kallichore_trio.client.results import ExecutionResult, result_from
 from kallichore_trio.core.collector import ExecutionCollector
@@ -332,6 +333,9 @@ class AsyncSession:
         if isinstance(failure, KernelDied):
             return KernelDied(f"{failure.args[0].splitlines()[0]} while waiting for {what}",
                               exit_code=failure.exit_code, output=failure.output)
+        if isinstance(failure, ResumeFailed):
+            return ResumeFailed(f"{failure} (waiting for {what})", attempts=failure.attempts,
+                                cause=failure.cause)
         if isinstance(failure, ChannelClosed):
             return ChannelClosed(f"{failure} (waiting for {what})", evicted=failure.evicted)
         return failure
