@@ -26,7 +26,7 @@ from kallichore_trio.client import kernelspecs
 from kallichore_trio.client import messages as m
 from kallichore_trio.client.discovery import find_server
 from kallichore_trio.client.errors import ClientError
-from kallichore_trio.client.kc_output import Output, Printer, run_interruptibly
+from kallichore_trio.client.kc_output import Output, Printer, print_notices, run_interruptibly
 from kallichore_trio.client.results import ExecutionResult
 from kallichore_trio.client.sync import Client, Session, _spawn
 from kallichore_trio.models import converter
@@ -204,6 +204,7 @@ def cmd_exec(client: Client, ns: argparse.Namespace, io: Output) -> int:
     client.session_info(ns.session_id)  # SessionNotFound before attaching
     printer = None if io.json else Printer(io, ns.session_id, Path(ns.images_dir))
     answer = None if ns.code == "-" else _terminal_input(io)
+    session.on_notice = print_notices(io, ns.session_id)
 
     async def job() -> ExecutionResult:
         return await session.asession.execute(code, timeout=ns.timeout, on_message=printer,
@@ -243,7 +244,10 @@ def cmd_logs(client: Client, ns: argparse.Namespace, io: Output) -> int:
     session = client.session(ns.session_id)
     client.session_info(ns.session_id)
 
+    notices = print_notices(io, ns.session_id)
+
     def show(event: m.KernelEvent) -> None:
+        notices(event)
         if io.json:
             io.print_json({"event": event.name, **attrs.asdict(event)})
             return

@@ -23,10 +23,11 @@ def attach(client: Client, session_id: str, io: Output) -> int:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import InMemoryHistory
 
-    from kallichore_trio.client.kc_output import Printer, run_interruptibly
+    from kallichore_trio.client.kc_output import Printer, print_notices, run_interruptibly
 
     info = client.session_info(session_id)
     session = client.session(session_id)
+    session.on_notice = print_notices(io, session_id)
     session.attach(force=True)
     io.out.write(f"Attached to {session_id} ({info.display_name}, {info.status}). Ctrl-C "
                  "interrupts the kernel, Ctrl-D detaches (the kernel keeps running).\n")

@@ -59,6 +59,34 @@ class Output:
         return text if self.tty else _ANSI.sub("", text)
 
 
+def notice_text(event: m.KernelEvent) -> str | None:
+    """What kc says on stderr when the daemon reports lost frames (docs/client.md, "Resuming a
+    broken channel"); None for other events and for history from before kc attached."""
+    if isinstance(event, m.FramesLost) and not event.history:
+        count = event.last - event.first + 1
+        frames = f"{count} frames of the session's output were" if count != 1 else (
+            "1 frame of the session's output was")
+        return (f"{frames} lost "
+                f"(numbers {event.first}-{event.last}) while the connection was being resumed; "
+                "what is shown may be incomplete")
+    if isinstance(event, m.SupervisorRestarted) and not event.history:
+        gap = f" after {event.gap_ms} ms without one" if event.gap_ms is not None else ""
+        return (f"the daemon was restarted{gap}; what the kernel sent meanwhile is lost and "
+                "what is shown may be incomplete")
+    return None
+
+
+def print_notices(io: Output, session_id: str) -> Callable[[m.KernelEvent], None]:
+    """An `on_notice` callback writing `notice_text` lines to stderr."""
+    def show(event: m.KernelEvent) -> None:
+        text = notice_text(event)
+        if text is not None:
+            io.err.write(f"kc: session {session_id}: {text}\n")
+            io.err.flush()
+
+    return show
+
+
 class Printer:
     """Writes one execution's messages as they come: streams to stdout/stderr, results and
     display data as text, images to files, the traceback to stderr."""

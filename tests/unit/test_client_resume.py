@@ -197,3 +197,28 @@ def test_a_numbered_frame_parses_once_its_seq_is_taken() -> None:
     obj = m.load_frame('{"seq":5,"kind":"kernel","status":{"status":"busy"}}')
     assert take_seq(obj) == 5
     assert m.parse_object(obj) == m.StatusEvent("status", "busy", None)
+
+
+@pytest.mark.parametrize(("event", "text"), [
+    (m.FramesLost("framesLost", 10, 19),
+     "10 frames of the session's output were lost (numbers 10-19) while the connection was "
+     "being resumed; what is shown may be incomplete"),
+    (m.FramesLost("framesLost", 4, 4), "1 frame of the session's output was lost"),
+    (m.SupervisorRestarted("supervisorRestarted", "s", 2500),
+     "the daemon was restarted after 2500 ms without one; what the kernel sent meanwhile is "
+     "lost"),
+    (m.FramesLost("framesLost", 1, 99, history=True), None),
+    (m.SupervisorRestarted("supervisorRestarted", "s", 1, history=True), None),
+    (m.StatusEvent("status", "idle"), None),
+])
+def test_kc_says_what_was_lost_on_stderr(event: m.KernelEvent, text: str | None) -> None:
+    import io
+
+    from kallichore_trio.client.kc_output import Output, notice_text, print_notices
+
+    said = notice_text(event)
+    assert said == text if text is None else said is not None and said.startswith(text)
+    out, err = io.StringIO(), io.StringIO()
+    print_notices(Output(out, err, json=False, tty=False), "py")(event)
+    assert out.getvalue() == ""
+    assert err.getvalue() == ("" if said is None else f"kc: session py: {said}\n")
