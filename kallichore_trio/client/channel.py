@@ -123,8 +123,8 @@ class Channel:
                     if retryable_refusal(exc.status):
                         continue
                     break
-                except SessionNotFound as exc:
-                    cause = exc
+                except (SessionNotFound, AuthError) as exc:
+                    cause = exc  # the socket path was refused: another attempt would be too
                     break
                 except (OSError, WebSocketClosed, ClientError) as exc:
                     cause = exc

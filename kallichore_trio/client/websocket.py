@@ -144,7 +144,10 @@ class WebSocket:
         connection break. (For tests of what follows a lost connection.)"""
         sock = getattr(self._stream, "socket", None)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass  # closed already: nothing left to reset
         self._closed = self._closed or WebSocketClosed("the connection was aborted")
         await self._stream.aclose()
 

@@ -92,6 +92,9 @@ async def print_and_break(session: AsyncSession, breaks: tuple[int, ...]) -> tup
         result = await session.execute(PRINT_LINES.format(n=LINES), on_message=counter)
     assert result.ok and not result.may_be_incomplete, result.notices
     assert result.stdout == counter.text
+    # The last break may come after the client read the end: the next request goes out on
+    # the connection that replaces it.
+    assert (await session.execute("print('after')")).stdout == "after\n"
     assert session.channel is channel  # the same attach throughout
     return counter.text, channel.reconnects
 
@@ -103,7 +106,6 @@ async def test_a_broken_tcp_connection_is_resumed_without_loss_or_repeat(
         text, reconnects = await print_and_break(session, BREAKS)
         assert text == numbered(LINES)
         assert reconnects == len(BREAKS)
-        assert (await session.execute("print('after')")).stdout == "after\n"
         await session.shutdown()
 
 
