@@ -55,7 +55,16 @@ class WebSocket:
     @classmethod
     async def connect(cls, stream: trio.abc.Stream, target: str, *, host: str,
                       token: str | None) -> WebSocket:
-        """Upgrade `stream` at `target`; raises HandshakeRejected with the HTTP answer."""
+        """Upgrade `stream` at `target`; raises HandshakeRejected with the HTTP answer, and
+        WebSocketClosed when the connection ends first."""
+        try:
+            return await cls._connect(stream, target, host=host, token=token)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise WebSocketClosed(f"the connection broke during the upgrade: {exc}") from None
+
+    @classmethod
+    async def _connect(cls, stream: trio.abc.Stream, target: str, *, host: str,
+                       token: str | None) -> WebSocket:
         self = cls(stream)
         headers = [] if token is None else [("Authorization", f"Bearer {token}")]
         await stream.send_all(self._ws.send(Request(host=host, target=target,

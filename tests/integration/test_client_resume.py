@@ -7,7 +7,10 @@ ignores `resume` as the reference Kallichore does (the client behaves as it alwa
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -23,16 +26,20 @@ from kallichore_trio.client import (
     Message,
     ResumeFailed,
     ServerAddress,
+    SupervisorRestarted,
     Timeouts,
 )
 from kallichore_trio.client.pytest_plugin import KERNEL_ENV
 from kallichore_trio.config import OutboxLimits
 from tests.helpers import (
+    STARTUP_TIMEOUT,
     TOKEN,
     RunningDaemon,
     daemon_config,
+    launch,
     running_daemon,
     running_unix_daemon,
+    stop,
     wait_status,
 )
 
@@ -273,3 +280,57 @@ async def test_frames_shed_while_disconnected_are_reported(
         assert received[-1] == LINES - 1 and len(received) < LINES
         assert missing >= LINES - len(received)  # every gap was reported (ranges may hold more)
         await session.shutdown()
+
+
+# ---- across a daemon crash ----------------------------------------------------------------
+
+
+async def test_the_client_resumes_across_a_daemon_crash(short_dir: Path) -> None:
+    """kcserver is SIGKILLed while the client is attached; a new one on the same port and
+    state directory takes the session over, and the client, which kept trying, resumes: it
+    is told of the restart and of what the dead daemon held, then runs code as before."""
+    token = "resume-across-a-crash"
+
+    def args(name: str, port: int = 0) -> tuple[list[str], Path]:
+        work = short_dir / name
+        work.mkdir()
+        (work / "token").write_text(token)  # read, then deleted, by kcserver
+        return (["--connection-file", str(work / "conn.json"), "--transport", "tcp",
+                 "--state-dir", str(short_dir / "state"), "--token", str(work / "token"),
+                 "--port", str(port)], work)
+
+    notices: list[KernelEvent] = []
+    kernel_pid = None
+    try:
+        async with launch(*args("a")) as first:
+            port = int(first.doc["base_path"].rsplit(":", 1)[1])
+            async with AsyncClient(ServerAddress(f"http://127.0.0.1:{port}", token),
+                                   timeouts=Timeouts(reconnect=120.0)) as kc:
+                session = await kc.start_kernel(env=KERNEL_ENV)
+                kernel_pid = (await session.info()).process_id
+                session.on_notice = notices.append
+                assert (await session.execute("x = 6 * 7; print('before')")).stdout == (
+                    "before\n")
+                channel = session.channel
+                assert channel is not None and channel.state.numbered is True
+                async with session.events() as events:
+                    first.process.send_signal(signal.SIGKILL)
+                    with trio.fail_after(STARTUP_TIMEOUT):
+                        await first.process.wait()
+                    async with launch(*args("b", port)) as second:
+                        with trio.fail_after(60):
+                            async for event in events:
+                                if isinstance(event, FramesLost):
+                                    break
+                        assert (await session.execute("print(x)")).stdout == "42\n"
+                        assert session.channel is channel and channel.reconnects == 1
+                        await session.shutdown()
+                        await stop(second, "sigterm")
+        restarted, lost = notices
+        assert isinstance(restarted, SupervisorRestarted) and not restarted.history
+        assert restarted.previous_server_id == first.doc["server_id"]
+        assert isinstance(lost, FramesLost) and not lost.history
+    finally:
+        if kernel_pid is not None:
+            with contextlib.suppress(OSError):
+                os.killpg(kernel_pid, signal.SIGKILL)
