@@ -31,6 +31,7 @@ is pending.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 
 import attrs
 
@@ -202,9 +203,7 @@ class Outbox:
                 items.append(lost)
                 expected = self.first_seq
         full = False
-        for seq, text in self._frames.items():
-            if seq < expected:
-                continue
+        for seq, text in self._held_from(expected):
             if count >= limit or size >= max_bytes:
                 full = True  # a gap before this frame is for the next read to report whole
                 break
@@ -218,6 +217,23 @@ class Outbox:
             _add_lost(items, expected, last)
             expected = last + 1
         return ResumeBatch(items, expected - 1)
+
+    def _held_from(self, seq: int) -> Iterator[tuple[int, str]]:
+        """The held frames numbered `seq` and above, oldest first. A reading client is usually
+        near the newest frame with some sent frames not yet acknowledged behind it: then the
+        walk starts from the newest end."""
+        frames = self._frames
+        oldest = next(iter(frames), None)
+        if oldest is None or seq <= oldest:
+            return iter(frames.items())
+        if self._next_seq - seq < seq - oldest:
+            newer = []
+            for held in reversed(frames):
+                if held < seq:
+                    break
+                newer.append(held)
+            return ((held, frames[held]) for held in reversed(newer))
+        return ((held, text) for held, text in frames.items() if held >= seq)
 
     def ack(self, seq: int) -> None:
         """The frame `seq` (and everything before it) reached a client: release them."""
