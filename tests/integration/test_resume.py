@@ -35,9 +35,11 @@ from tests.helpers import (
     Server,
     daemon_config,
     execute,
+    kernel_event,
     launch,
     mini_argv,
     new_session_body,
+    open_channel,
     running_daemon,
     running_unix_daemon,
     stop,
@@ -333,6 +335,37 @@ async def test_an_overflow_while_away_is_reported_as_ordered_lost_ranges(
     kept = indices(frames)
     assert kept and kept == list(range(1300 - len(kept), 1300))
     assert tracker.lost_frames() >= 1300 - len(kept)
+
+
+async def test_a_client_that_does_not_resume_is_told_how_many_frames_were_dropped(
+        small_outbox_daemon: RunningDaemon) -> None:
+    """Kallichore's envelope, no seq: the overflow is told once, as stderr output, before the
+    frames that remain (ClientChannel._next_batch)."""
+    daemon = small_outbox_daemon
+    session_id = await daemon.create(argv=mini_argv("flood"))
+    assert (await daemon.start(session_id)).status_code == 200
+    response = await execute(daemon, session_id, "1000")  # no client: 1,000 lines, 200 kept
+    assert response.status_code == 200, response.text
+    async with open_channel(daemon, session_id) as channel:
+        first = await channel.receive()
+        notice = kernel_event(first, "output")
+        assert notice is not None and notice[0] == "stderr", first
+        dropped = int(re.match(r"\[kallichore-trio\] (\d+) output frames were dropped",
+                               notice[1]).group(1))
+        await channel.wait_for(lambda frame: frame.get("kind") == "jupyter"
+                               and frame["header"]["msg_type"] == "status"
+                               and frame["content"]["execution_state"] == "idle"
+                               and frame["parent_header"]["msg_type"] == "execute_request")
+        rest = channel.frames[1:]
+    assert all("seq" not in frame for frame in channel.frames)
+    lines = [int(f["content"]["text"]) for f in rest
+             if f.get("kind") == "jupyter" and f["header"]["msg_type"] == "stream"]
+    # What was dropped is the oldest stream output; what remains is the newest, in order.
+    # The count told covers the missing lines, plus the kernel's own start-up line on stdout
+    # (an `output` event, droppable too) when that one was shed as well.
+    assert lines == list(range(1000 - len(lines), 1000))
+    startup_output = [f for f in channel.frames[1:] if kernel_event(f, "output")]
+    assert dropped + len(startup_output) in (1000 - len(lines), 1000 - len(lines) + 1)
 
 
 # ---- bad values ---------------------------------------------------------------------------
