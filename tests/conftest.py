@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -37,3 +40,16 @@ def short_dir() -> Iterator[Path]:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def kernel_pids() -> Iterator[set[int]]:
+    """Kernel pids a test saw: killed at the end, so that a failure leaves no kernel behind
+    (a kernel outlives a SIGKILLed daemon by design, docs/durability.md)."""
+    pids: set[int] = set()
+    try:
+        yield pids
+    finally:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)

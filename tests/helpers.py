@@ -111,7 +111,7 @@ def daemon_config(tmp_path: Path, **overrides: Any) -> Config:
 async def running_daemon(
     nursery: trio.Nursery, config: Config, **options: Any
 ) -> AsyncIterator[RunningDaemon]:
-    before = kernel_pids()
+    before = child_pids()
     address = await nursery.start(partial(run_daemon, config, **options))
     async with httpx.AsyncClient(
         base_url=address.base_path,
@@ -125,11 +125,11 @@ async def running_daemon(
             pass
     # Every kernel this daemon started must be gone once it has shut down.
     with trio.fail_after(30):
-        while (left := kernel_pids() - before) and any(psutil.pid_exists(p) for p in left):
+        while (left := child_pids() - before) and any(psutil.pid_exists(p) for p in left):
             await trio.sleep(0.1)
 
 
-def kernel_pids() -> set[int]:
+def child_pids() -> set[int]:
     me = psutil.Process()
     return {c.pid for c in me.children(recursive=True)}
 
@@ -446,6 +446,19 @@ class Server:
 
 
 @asynccontextmanager
+async def launch_on_state_dir(short_dir: Path, name: str,
+                              transport: str = "tcp") -> AsyncIterator[Server]:
+    """kcserver with its files in `short_dir/name` and its state directory `short_dir/state`,
+    shared by every daemon a test starts there (durability: a successor takes sessions over)."""
+    work = short_dir / name
+    work.mkdir()
+    args = ["--connection-file", str(work / "conn.json"), "--transport", transport,
+            "--state-dir", str(short_dir / "state"), "--log-level", "debug"]
+    async with launch(args, work) as server:
+        yield server
+
+
+@asynccontextmanager
 async def launch(
     args: list[str], work: Path, *, handshake: Path | None = None
 ) -> AsyncIterator[Server]:
@@ -514,7 +527,7 @@ async def stop(server: Server, how: str) -> None:
 @asynccontextmanager
 async def running_unix_daemon(nursery: trio.Nursery,
                               config: Config) -> AsyncIterator[RunningDaemon]:
-    before = kernel_pids()
+    before = child_pids()
     address = await nursery.start(run_daemon, config)
     assert address.socket_path is not None
     transport = httpx.AsyncHTTPTransport(uds=address.socket_path)
@@ -530,7 +543,7 @@ async def running_unix_daemon(nursery: trio.Nursery,
                 except httpx.HTTPError:
                     pass
     with trio.fail_after(30):
-        while kernel_pids() - before:
+        while child_pids() - before:
             await trio.sleep(0.05)
 
 

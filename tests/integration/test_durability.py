@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from tests.helpers import (
     is_idle_for,
     is_reply_to,
     kernel_event,
-    launch,
+    launch_on_state_dir,
     mini_argv,
     new_session_body,
     process_gone,
@@ -39,28 +39,6 @@ from tests.helpers import (
 pytestmark = pytest.mark.skipif(
     not KCSERVER.exists(), reason="kcserver is not installed: pip install -e '.[test]'"
 )
-
-
-@pytest.fixture
-def kernel_pids() -> Iterator[set[int]]:
-    """Kernel pids a test saw: killed at the end, so that a failure leaves no kernel behind."""
-    pids: set[int] = set()
-    try:
-        yield pids
-    finally:
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-
-
-@contextlib.asynccontextmanager
-async def daemon(short_dir: Path, name: str, transport: str = "tcp") -> AsyncIterator[Server]:
-    work = short_dir / name
-    work.mkdir()
-    args = ["--connection-file", str(work / "conn.json"), "--transport", transport,
-            "--state-dir", str(short_dir / "state"), "--log-level", "debug"]
-    async with launch(args, work) as server:
-        yield server
 
 
 async def crash(server: Server) -> None:
@@ -142,7 +120,7 @@ def records(short_dir: Path) -> list[str]:
 @pytest.mark.parametrize("transport", ["tcp", "socket"])
 async def test_kernels_survive_a_crash_and_are_reattached(short_dir: Path, kernel_pids: set[int],
                                                           transport: str) -> None:
-    async with daemon(short_dir, "a", transport) as first:
+    async with launch_on_state_dir(short_dir, "a", transport) as first:
         pid1 = await create_started(first, "py-1", kernel_pids, interrupt_mode="signal")
         pid2 = await create_started(first, "py-2", kernel_pids)
         async with channel(first, "py-1") as ws:
@@ -151,7 +129,7 @@ async def test_kernels_survive_a_crash_and_are_reattached(short_dir: Path, kerne
         await crash(first)
     assert not process_gone(pid1) and not process_gone(pid2)
 
-    async with daemon(short_dir, "b", transport) as second:
+    async with launch_on_state_dir(short_dir, "b", transport) as second:
         listed = await sessions(second)
         assert set(listed) == {"py-1", "py-2"}
         for sid, pid in (("py-1", pid1), ("py-2", pid2)):
@@ -237,7 +215,7 @@ async def test_a_kernel_busy_with_a_cell_is_reattached_busy(short_dir: Path,
     code = (f"import os, time\nx = 7\nfor _ in range(2400):\n"
             f"    if os.path.exists({str(release)!r}): break\n    time.sleep(0.05)\n"
             f"print('cell over')")
-    async with daemon(short_dir, "a") as first:
+    async with launch_on_state_dir(short_dir, "a") as first:
         await create_started(first, "py-busy", kernel_pids)
         await create_started(first, "py-idle", kernel_pids)
         async with channel(first, "py-busy") as ws:
@@ -249,7 +227,7 @@ async def test_a_kernel_busy_with_a_cell_is_reattached_busy(short_dir: Path,
                     pass
         await crash(first)
 
-    async with daemon(short_dir, "b") as second:
+    async with launch_on_state_dir(short_dir, "b") as second:
         await wait_status(second, "py-busy", "busy")
         # A kernel running nothing does not wait for anything: idle while the other one's
         # cell still runs.
@@ -281,7 +259,7 @@ async def test_a_kernel_flooding_its_own_stdout_keeps_its_file_small(
     directory; the daemon gives back what it has read (kernel/output.py), so the file stays
     under OUTPUT_FILE_BOUND while every line still arrives, in order, as an `output` event."""
     lines = 300  # of 60,000 bytes: 18 MB, over twice the bound
-    async with daemon(short_dir, "a") as server:
+    async with launch_on_state_dir(short_dir, "a") as server:
         await create_started(server, "mini-flood", kernel_pids, argv=mini_argv("flood_stdout"))
         (stdout_file,) = (short_dir / "state").glob("*.stdout")
         async with channel(server, "mini-flood") as ws:
@@ -304,14 +282,14 @@ async def test_a_kernel_flooding_its_own_stdout_keeps_its_file_small(
 
 async def test_a_kernel_that_died_unsupervised_is_exited(short_dir: Path,
                                                          kernel_pids: set[int]) -> None:
-    async with daemon(short_dir, "a") as first:
+    async with launch_on_state_dir(short_dir, "a") as first:
         pid = await create_started(first, "py-dead", kernel_pids)
         await crash(first)
     os.killpg(pid, signal.SIGKILL)
     await wait_process_gone(pid)
     # A record that is not one is moved aside, and does not stop the daemon.
     (short_dir / "state" / "junk.json").write_text("{ not a record")
-    async with daemon(short_dir, "b") as second:
+    async with launch_on_state_dir(short_dir, "b") as second:
         assert (short_dir / "state" / "junk.json.bad").exists()
         session = await wait_status(second, "py-dead", "exited")
         assert session.get("process_id") is None
@@ -332,9 +310,9 @@ async def test_a_kernel_that_died_unsupervised_is_exited(short_dir: Path,
 
 
 async def test_a_live_daemon_keeps_its_sessions(short_dir: Path, kernel_pids: set[int]) -> None:
-    async with daemon(short_dir, "a") as first:
+    async with launch_on_state_dir(short_dir, "a") as first:
         pid = await create_started(first, "py-live", kernel_pids)
-        async with daemon(short_dir, "b") as second:
+        async with launch_on_state_dir(short_dir, "b") as second:
             assert await sessions(second) == {}
             await stop(second, "sigterm")
         session = await wait_status(first, "py-live", "idle")
@@ -358,7 +336,7 @@ async def test_an_unusable_state_dir_stops_the_start(short_dir: Path) -> None:
 async def test_two_daemons_starting_at_once_split_the_orphans(short_dir: Path,
                                                               kernel_pids: set[int]) -> None:
     ids = [f"py-{i}" for i in range(4)]
-    async with daemon(short_dir, "a") as first:
+    async with launch_on_state_dir(short_dir, "a") as first:
         pids = {sid: await create_started(first, sid, kernel_pids) for sid in ids}
         await crash(first)
     # Both processes are started at the same moment and scan the state dir concurrently.
@@ -366,7 +344,7 @@ async def test_two_daemons_starting_at_once_split_the_orphans(short_dir: Path,
     both_up, checked = trio.Event(), trio.Event()
 
     async def run_daemon(name: str) -> None:
-        async with daemon(short_dir, name) as server:
+        async with launch_on_state_dir(short_dir, name) as server:
             servers[name] = server
             if len(servers) == 2:
                 both_up.set()

@@ -9,7 +9,6 @@ daemon where they need a configuration kcserver has no flag for (a small outbox)
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -17,7 +16,7 @@ import random
 import re
 import signal
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,7 +35,7 @@ from tests.helpers import (
     daemon_config,
     execute,
     kernel_event,
-    launch,
+    launch_on_state_dir,
     mini_argv,
     new_session_body,
     open_channel,
@@ -63,29 +62,6 @@ Frame = dict[str, Any]
 
 
 # ---- daemons, sessions, connections -------------------------------------------------------
-
-
-@pytest.fixture
-def kernel_pids() -> Iterator[set[int]]:
-    """Kernel pids a test saw: killed at the end, so that a failure leaves no kernel behind
-    (a kernel outlives a SIGKILLed daemon by design)."""
-    pids: set[int] = set()
-    try:
-        yield pids
-    finally:
-        for pid in pids:
-            with contextlib.suppress(OSError):
-                os.killpg(pid, signal.SIGKILL)
-
-
-@contextlib.asynccontextmanager
-async def kcserver(short_dir: Path, name: str) -> AsyncIterator[Server]:
-    work = short_dir / name
-    work.mkdir()
-    args = ["--connection-file", str(work / "conn.json"), "--transport", "tcp",
-            "--state-dir", str(short_dir / "state")]
-    async with launch(args, work) as server:
-        yield server
 
 
 async def flood_session(client: httpx.AsyncClient, pids: set[int]) -> str:
@@ -177,7 +153,7 @@ async def test_a_flood_through_fifty_disconnects_arrives_exactly_once_in_order(
     print(f"RESUME_SEED={seed}")
     rng = random.Random(seed)
     total = 200_000
-    async with kcserver(short_dir, "a") as server:
+    async with launch_on_state_dir(short_dir, "a") as server:
         async with server.client() as client:
             session_id = await flood_session(client, kernel_pids)
         run = FloodRun(total=total, chunk=2_000, window=3, rng=rng,
@@ -203,7 +179,7 @@ async def test_a_flood_through_fifty_disconnects_arrives_exactly_once_in_order(
 
 async def test_seq_is_the_first_field_and_counts_up_only_when_resuming(
         short_dir: Path, kernel_pids: set[int]) -> None:
-    async with kcserver(short_dir, "a") as server:
+    async with launch_on_state_dir(short_dir, "a") as server:
         async with server.client() as client:
             session_id = await flood_session(client, kernel_pids)
         url = urlsplit(server.doc["base_path"])
@@ -255,7 +231,7 @@ async def test_seq_is_the_first_field_and_counts_up_only_when_resuming(
 
 async def test_resume_zero_replays_every_unacknowledged_frame_from_the_start(
         short_dir: Path, kernel_pids: set[int]) -> None:
-    async with kcserver(short_dir, "a") as server:
+    async with launch_on_state_dir(short_dir, "a") as server:
         async with server.client() as client:
             session_id = await flood_session(client, kernel_pids)
         connect = server_connect(server, session_id)
@@ -440,7 +416,7 @@ async def test_resuming_on_a_sessions_unix_socket(nursery: trio.Nursery,
 
 async def test_resuming_after_a_daemon_crash(short_dir: Path, kernel_pids: set[int]) -> None:
     tracker = ResumeTracker(keep=True)
-    async with kcserver(short_dir, "a") as first:
+    async with launch_on_state_dir(short_dir, "a") as first:
         async with first.client() as client:
             session_id = await flood_session(client, kernel_pids)
         ws, pending = await server_connect(first, session_id)(0)
@@ -452,7 +428,7 @@ async def test_resuming_after_a_daemon_crash(short_dir: Path, kernel_pids: set[i
             await first.process.wait()
         await trio.aclose_forcefully(ws.stream)
 
-    async with kcserver(short_dir, "b") as second:
+    async with launch_on_state_dir(short_dir, "b") as second:
         async with second.client() as client:
             await wait_idle(client, session_id)
         ws, pending = await server_connect(second, session_id)(before)
