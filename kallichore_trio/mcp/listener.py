@@ -30,17 +30,13 @@ from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 
 from kallichore_trio.config import KALLICHORE_VERSION
-from kallichore_trio.mcp.server import ROUTE_KEY, Route
+from kallichore_trio.mcp.address import LOOPBACK, Route, parse_route, route_url
+from kallichore_trio.mcp.server import ROUTE_KEY
 from kallichore_trio.mcp.tools import TOOLS
 from kallichore_trio.mcp.workspaces import Access, WorkspaceBook
 from kallichore_trio.security import header, host_allowed
 
 log = logging.getLogger(__name__)
-
-LOOPBACK = "127.0.0.1"
-#: A stateful MCP session with no request for this long is closed (the agent starts another).
-SESSION_IDLE_TIMEOUT = 30 * 60.0
-
 
 class _QuietStreamEnd(logging.Filter):
     """The SDK logs, with a traceback at ERROR, the normal end of an agent's GET event stream
@@ -53,27 +49,6 @@ class _QuietStreamEnd(logging.Filter):
 
 
 logging.getLogger("mcp.server.streamable_http").addFilter(_QuietStreamEnd())
-
-
-class ListenerFailed(Exception):
-    """The listener could not bind its port."""
-
-
-def parse_route(path: str) -> Route | None:
-    """`/mcp/w/<workspace>`, `/mcp/w/<workspace>/s/<session>`, each optionally followed by
-    `/server-card` (or a trailing slash); None for anything else."""
-    parts = path.rstrip("/").split("/")
-    if len(parts) < 4 or parts[:3] != ["", "mcp", "w"] or not parts[3]:
-        return None
-    workspace_id, rest = parts[3], parts[4:]
-    card = bool(rest) and rest[-1] == "server-card"
-    if card:
-        rest = rest[:-1]
-    if not rest:
-        return Route(workspace_id, None, card)
-    if len(rest) == 2 and rest[0] == "s" and rest[1]:
-        return Route(workspace_id, rest[1], card)
-    return None
 
 
 def origin_loopback(origin: bytes | None) -> bool:
@@ -189,34 +164,18 @@ class McpGate:
         await manager.handle_request({**scope, ROUTE_KEY: route}, receive, send)
 
     def url_of(self, route: Route) -> str:
-        url = f"http://{LOOPBACK}:{self.port}/mcp/w/{route.workspace_id}"
-        return url if route.session_id is None else f"{url}/s/{route.session_id}"
-
-
-def bind_loopback(preferred_port: int | None) -> socket.socket:
-    """A listening socket on 127.0.0.1: `preferred_port` if it is free, else any port."""
-    errors = []
-    for port in ([preferred_port] if preferred_port else []) + [0]:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((LOOPBACK, port))
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            errors.append(f"port {port}: {exc}")
-            continue
-        return sock
-    raise ListenerFailed("could not listen on 127.0.0.1 (" + "; ".join(errors) + ")")
+        return route_url(self.port, route)
 
 
 class McpListener:
     """The listener's lifetime: `run` in a nursery serves until `stop`."""
 
-    def __init__(self, gate: McpGate, server: Server[Any, Any], sock: socket.socket) -> None:
+    def __init__(self, gate: McpGate, server: Server[Any, Any], sock: socket.socket,
+                 session_idle_timeout: float) -> None:
         self.gate = gate
         self.server = server
         self.sock = sock
+        self.session_idle_timeout = session_idle_timeout
         self.port: int = sock.getsockname()[1]
         gate.port = self.port
         self._scope = trio.CancelScope()
@@ -233,7 +192,7 @@ class McpListener:
         config.errorlog = logging.getLogger("hypercorn.error")
         config.graceful_timeout = 1.0
         manager = StreamableHTTPSessionManager(self.server,
-                                               session_idle_timeout=SESSION_IDLE_TIMEOUT)
+                                               session_idle_timeout=self.session_idle_timeout)
         try:
             with self._scope:
                 async with manager.run():
@@ -252,4 +211,4 @@ class McpListener:
         self._scope.cancel()
 
 
-__all__ = ["ListenerFailed", "McpGate", "McpListener", "bind_loopback", "parse_route"]
+__all__ = ["McpGate", "McpListener", "origin_loopback", "server_card"]

@@ -16,6 +16,7 @@ from mcp import types
 from mcp.server.lowlevel import Server
 
 from kallichore_trio.config import KALLICHORE_VERSION
+from kallichore_trio.mcp.address import Route
 from kallichore_trio.mcp.calls import CallContext, ToolCalls
 from kallichore_trio.mcp.tools import TOOLS, error_result
 
@@ -27,15 +28,6 @@ INSTRUCTIONS = (
     "as the user would (the user sees it in the console), evaluate expressions, interrupt, "
     "and run Positron IDE commands in the user's window."
 )
-
-
-@attrs.frozen
-class Route:
-    """What a listener URL names: a workspace, optionally one session, or a server card."""
-
-    workspace_id: str
-    session_id: str | None = None
-    card: bool = False
 
 
 @attrs.frozen
@@ -86,4 +78,4 @@ def build_server(calls: ToolCalls, on_call: Callable[[CallerInfo], None]) -> Ser
     return server
 
 
-__all__ = ["ROUTE_KEY", "CallerInfo", "Route", "build_server"]
+__all__ = ["ROUTE_KEY", "CallerInfo", "build_server"]

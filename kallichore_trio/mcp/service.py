@@ -1,7 +1,9 @@
 """McpService: the daemon's MCP subsystem, one object the routes and the daemon talk to.
 
-It owns the workspaces, the windows broker, the tool calls and the listener, which runs (in the
-nursery the daemon gives) while at least one workspace is registered. docs/mcp.md.
+It owns the workspaces, the windows broker and the listener, which runs (in the nursery the
+daemon gives) while at least one workspace is registered. The listener, the SDK's server and the
+tool calls it serves are built by `_new_listener`, the one place that imports the SDK's side of
+the package: a daemon with no workspace never loads the SDK. docs/mcp.md.
 """
 
 from __future__ import annotations
@@ -17,20 +19,16 @@ import trio
 
 from kallichore_trio.config import Config
 from kallichore_trio.errors import KallichoreError
-from kallichore_trio.mcp.calls import ToolCalls
-from kallichore_trio.mcp.listener import (
-    SESSION_IDLE_TIMEOUT,
-    ListenerFailed,
-    McpGate,
-    McpListener,
-    bind_loopback,
-)
-from kallichore_trio.mcp.server import CallerInfo, Route, build_server
+from kallichore_trio.mcp.address import ListenerFailed, Route, bind_loopback
 from kallichore_trio.mcp.windows import WindowBroker
 from kallichore_trio.mcp.workspaces import Workspace, WorkspaceBook
 from kallichore_trio.models import McpClient, McpStatus, McpWorkspace
 
 if TYPE_CHECKING:
+    import socket
+
+    from kallichore_trio.mcp.listener import McpListener
+    from kallichore_trio.mcp.server import CallerInfo
     from kallichore_trio.registry import SessionRegistry
     from kallichore_trio.session.session import Session
 
@@ -41,6 +39,9 @@ CLIENTS_LISTED = 64
 #: Headers the stdio relay (and any client that wants to) sends to say who the agent is.
 PID_HEADER = "x-kallichore-client-pid"
 CWD_HEADER = "x-kallichore-client-cwd"
+#: A stateful MCP session with no request for this long is closed by the listener (the agent
+#: starts another), and its agent leaves /status's list.
+SESSION_IDLE_TIMEOUT = 30 * 60.0
 
 
 class McpListenerFailed(KallichoreError):
@@ -70,7 +71,6 @@ class McpService:
         self.book = WorkspaceBook()
         self.broker = WindowBroker(find_timeout=config.timeouts.mcp_window_wait,
                                    reply_timeout=config.timeouts.mcp_command_reply)
-        self.calls = ToolCalls(registry, self.broker)
         self.listener: McpListener | None = None
         #: The listener being stopped, until its port is free again.
         self._stopping: McpListener | None = None
@@ -130,12 +130,32 @@ class McpService:
             sock = bind_loopback(preferred_port)
         except ListenerFailed as exc:
             raise McpListenerFailed(f"The MCP listener could not start: {exc}") from None
-        gate = McpGate(self.book, lambda sid: sid in self.registry.sessions, self._on_request)
-        listener = McpListener(gate, build_server(self.calls, self._on_call), sock)
+        try:
+            listener = self._new_listener(sock)
+        except BaseException:
+            sock.close()
+            raise
         await self._nursery.start(listener.run)
         self.listener = listener
         log.info("MCP listener on 127.0.0.1:%d", listener.port)
         return listener
+
+    def _new_listener(self, sock: socket.socket) -> McpListener:
+        """The SDK-backed parts: the tool calls, the SDK's server, the listener and its gate.
+
+        Their modules are imported here, at the first registration, rather than with this one:
+        they bring the MCP SDK and with it pydantic, starlette, sse-starlette, httpx and anyio's
+        extras, hundreds of modules and a third of an idle daemon's memory (docs/performance.md),
+        which a daemon whose user never registers a workspace would carry for nothing. The
+        price: the first registration waits for the import, on the event loop, once.
+        """
+        from kallichore_trio.mcp.calls import ToolCalls
+        from kallichore_trio.mcp.listener import McpGate, McpListener
+        from kallichore_trio.mcp.server import build_server
+
+        gate = McpGate(self.book, lambda sid: sid in self.registry.sessions, self._on_request)
+        server = build_server(ToolCalls(self.registry, self.broker), self._on_call)
+        return McpListener(gate, server, sock, SESSION_IDLE_TIMEOUT)
 
     def stop(self) -> None:
         """Stop the listener (the last workspace went, or the daemon is stopping: then the

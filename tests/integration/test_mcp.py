@@ -25,6 +25,7 @@ from kallichore_trio.config import Timeouts
 from kallichore_trio.mcp.service import McpService
 from kallichore_trio.registry import SessionRegistry
 from tests.helpers import (
+    KCSERVER,
     TOKEN,
     Channel,
     RawWebSocket,
@@ -32,6 +33,7 @@ from tests.helpers import (
     call,
     daemon_config,
     kernel_event,
+    launch,
     mcp_session,
     open_channel,
     register,
@@ -460,3 +462,29 @@ async def test_tool_calls_count_as_activity(nursery: trio.Nursery, tmp_path: Pat
     finally:
         service.stop()
         context.term()
+
+
+def sdk_mapped(pid: int) -> bool:
+    """Whether the process has loaded the MCP SDK: its pydantic brings pydantic_core, a compiled
+    extension, whose file shows in the process's memory map (nothing else of ours loads it)."""
+    return "pydantic_core" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/<pid>/maps")
+@pytest.mark.skipif(not KCSERVER.exists(), reason="kcserver is not installed")
+async def test_the_sdk_is_loaded_at_the_first_registration(short_dir: Path) -> None:
+    """A real kcserver: serving, asked for its status, it has not loaded the SDK; the first
+    registration loads it, and the listener works."""
+    conn_file = short_dir / "kallichore.json"
+    args = ["--transport", "tcp", "--token", "none", "--connection-file", str(conn_file)]
+    async with launch(args, short_dir) as server, server.client() as client:
+        pid = server.process.pid
+        status = (await client.get("/status")).json()["mcp"]
+        assert status["active"] is False
+        assert not sdk_mapped(pid)
+        response = await client.post("/mcp/workspaces", json={"display_name": "Lazy"})
+        assert response.status_code == 200, response.text
+        ws = response.json()
+        assert sdk_mapped(pid)
+        async with mcp_session(ws["url"], ws["token"]) as agent:
+            assert json.loads(text_of(await call(agent, "list_sessions"))) == []

@@ -16,6 +16,9 @@ with each of them).
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import attrs
@@ -278,3 +281,20 @@ def test_no_module_is_too_long() -> None:
     assert too_long == {}, f"split these, or add them to LONG_MODULES with a reason: {too_long}"
     stale = {name for name in LONG_MODULES if lengths.get(name, 0) <= MAX_LINES}
     assert stale == set(), f"no longer over {MAX_LINES} lines (or gone): remove from LONG_MODULES"
+
+
+#: What the MCP SDK brings: a daemon loads them at its first MCP workspace, not at start.
+MCP_SDK_MODULES = ("mcp", "pydantic", "pydantic_core", "starlette", "sse_starlette")
+
+
+def test_the_daemon_loads_the_mcp_sdk_only_when_a_workspace_needs_it() -> None:
+    """In a fresh interpreter (this one has the tests' imports): the command line and the
+    composition root, and McpService itself, import none of the SDK."""
+    probe = (
+        "import json, sys\n"
+        "import kallichore_trio.app, kallichore_trio.cli, kallichore_trio.mcp.service\n"
+        f"print(json.dumps([m for m in {MCP_SDK_MODULES!r} if m in sys.modules]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert json.loads(done.stdout) == []

@@ -12,8 +12,8 @@ import trio
 from mcp import types
 
 from kallichore_trio.mcp import frames
-from kallichore_trio.mcp.listener import origin_loopback, parse_route
-from kallichore_trio.mcp.server import Route
+from kallichore_trio.mcp.address import Route, parse_route
+from kallichore_trio.mcp.listener import origin_loopback
 from kallichore_trio.mcp.stdio import NoTarget, Target, choose_target, deepest_folder_match
 from kallichore_trio.mcp.tools import (
     RESULT_TEXT_BYTES,
