@@ -131,11 +131,11 @@ class McpService:
         except ListenerFailed as exc:
             raise McpListenerFailed(f"The MCP listener could not start: {exc}") from None
         try:
-            listener = self._new_listener(sock)
+            listener = await trio.to_thread.run_sync(self._new_listener, sock)
+            await self._nursery.start(listener.run)
         except BaseException:
-            sock.close()
+            sock.close()  # the listener's run closes it too once started: closing is idempotent
             raise
-        await self._nursery.start(listener.run)
         self.listener = listener
         log.info("MCP listener on 127.0.0.1:%d", listener.port)
         return listener
@@ -146,8 +146,12 @@ class McpService:
         Their modules are imported here, at the first registration, rather than with this one:
         they bring the MCP SDK and with it pydantic, starlette, sse-starlette, httpx and anyio's
         extras, hundreds of modules and a third of an idle daemon's memory (docs/performance.md),
-        which a daemon whose user never registers a workspace would carry for nothing. The
-        price: the first registration waits for the import, on the event loop, once.
+        which a daemon whose user never registers a workspace would carry for nothing.
+
+        Called in a worker thread, because the first call's import would otherwise hold up the
+        event loop, and with it every session's traffic, for a noticeable time
+        (docs/performance-journal.md); it only imports and builds objects, none of which
+        touches the event loop until `run`.
         """
         from kallichore_trio.mcp.calls import ToolCalls
         from kallichore_trio.mcp.listener import McpGate, McpListener
