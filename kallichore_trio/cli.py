@@ -25,7 +25,7 @@ from typing import Any, TextIO, cast
 
 import trio
 
-from kallichore_trio.config import KALLICHORE_VERSION, Config, LogLevel, Transport
+from kallichore_trio.config import KALLICHORE_VERSION, Config, LogLevel, OutboxLimits, Transport
 from kallichore_trio.discovery import (
     BoundAddress,
     HandshakeError,
@@ -98,6 +98,19 @@ def _poll_ms(text: str) -> float:
     return value
 
 
+def _bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
+        return value
+
+    return parse
+
+
 def _origin(text: str) -> str:
     """An origin as browsers serialize it in the Origin header: `scheme://host[:port]`,
     lowercase, no path. `null` (sandboxed and file: pages) is refused: any page can send it."""
@@ -156,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep polling for MS ms after each relayed message instead of letting the CPU "
              "idle: a little lower latency for up to a core of CPU while traffic flows "
              "(default 0 = off)")
+    add("--outbox-frames", type=_bounded_int(100, 10_000_000), metavar="N",
+        help="frames each session keeps for its client while it is away or behind (default "
+             f"{OutboxLimits().max_frames:,}); statuses and replies may take up to 4x")
+    add("--outbox-mib", type=_bounded_int(1, 65_536), metavar="MIB",
+        help="the same bound in MiB of frame text (default "
+             f"{OutboxLimits().max_bytes >> 20}); see docs/durability.md")
     add("-V", "--version", action="version",
         version=f"kcserver {KALLICHORE_VERSION} (kallichore-trio {our_version()})",
         help="print the version and exit")
@@ -239,6 +258,11 @@ def config_from_args(
     kwargs: dict[str, Any] = {}
     if ns.busy_poll is not None:
         kwargs["busy_poll"] = ns.busy_poll / 1000
+    if ns.outbox_frames is not None or ns.outbox_mib is not None:
+        default = OutboxLimits()
+        kwargs["outbox"] = OutboxLimits(
+            max_frames=ns.outbox_frames if ns.outbox_frames is not None else default.max_frames,
+            max_bytes=ns.outbox_mib << 20 if ns.outbox_mib is not None else default.max_bytes)
     if ns.token == "none":
         kwargs["token"] = None
     elif ns.token is not None:

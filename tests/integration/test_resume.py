@@ -35,6 +35,7 @@ from tests.helpers import (
     daemon_config,
     execute,
     kernel_event,
+    launch,
     launch_on_state_dir,
     mini_argv,
     new_session_body,
@@ -342,6 +343,33 @@ async def test_a_client_that_does_not_resume_is_told_how_many_frames_were_droppe
     assert lines == list(range(1000 - len(lines), 1000))
     startup_output = [f for f in channel.frames[1:] if kernel_event(f, "output")]
     assert dropped + len(startup_output) in (1000 - len(lines), 1000 - len(lines) + 1)
+
+
+async def test_the_outbox_bounds_are_set_on_the_command_line(
+        short_dir: Path, kernel_pids: set[int]) -> None:
+    """`kcserver --outbox-frames N`: a real daemon keeps N frames (statuses and replies aside)
+    for a client that is away, and tells a resuming client what it shed."""
+    work = short_dir / "bounded"
+    work.mkdir()
+    args = ["--connection-file", str(work / "conn.json"), "--transport", "tcp",
+            "--state-dir", str(short_dir / "state"), "--outbox-frames", "100"]
+    async with launch(args, work) as server:
+        async with server.client() as client:
+            session_id = await flood_session(client, kernel_pids)
+            await wait_idle(client, session_id)
+            response = await client.post(f"/sessions/{session_id}/execute",
+                                         json={"code": "1000"}, timeout=60)
+            assert response.status_code == 200, response.text
+        connect = server_connect(server, session_id)
+        ws, pending = await connect(0)
+        tracker = ResumeTracker(keep=True)
+        await run_code(ws, pending, "0", tracker)
+        await ws.close_clean()
+        await stop(server, "sigterm")
+    kept = indices([f for _, f in tracker.items])
+    assert tracker.violations == []
+    assert tracker.lost_ranges, "1,000 lines with a 100-frame outbox and no client: some shed"
+    assert len(kept) <= 100 and kept == list(range(1000 - len(kept), 1000))
 
 
 # ---- bad values ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from kallichore_trio import cli
-from kallichore_trio.config import KALLICHORE_VERSION, Config
+from kallichore_trio.config import KALLICHORE_VERSION, Config, OutboxLimits
 
 
 def parse(*argv: str, environ: dict[str, str] | None = None) -> Config:
@@ -52,6 +52,13 @@ def parse(*argv: str, environ: dict[str, str] | None = None) -> Config:
         ([], {"resource_include_children": True}),
         (["--resource-include-children", "false"], {"resource_include_children": False}),
         (["--resource-include-children", "True"], {"resource_include_children": True}),
+        ([], {"outbox": OutboxLimits()}),
+        (["--outbox-frames", "200"],
+         {"outbox": OutboxLimits(max_frames=200, max_bytes=OutboxLimits().max_bytes)}),
+        (["--outbox-mib", "8"],
+         {"outbox": OutboxLimits(max_frames=OutboxLimits().max_frames, max_bytes=8 << 20)}),
+        (["--outbox-frames", "100", "--outbox-mib", "1"],
+         {"outbox": OutboxLimits(max_frames=100, max_bytes=1 << 20)}),
     ],
 )
 def test_flags(argv: list[str], expected: dict[str, Any]) -> None:
@@ -119,7 +126,9 @@ def test_validation_errors_exit_1(
     "argv",
     [["--port", "70000"], ["--port", "x"], ["-i", "-1"], ["-r", "65536"], ["--bogus"],
      ["--busy-poll", "-1"], ["--busy-poll", "101"], ["--busy-poll", "nan"],
-     ["--busy-poll", "2ms"], ["--resource-include-children", "yes"]],
+     ["--busy-poll", "2ms"], ["--resource-include-children", "yes"],
+     ["--outbox-frames", "99"], ["--outbox-frames", "1e4"], ["--outbox-mib", "0"],
+     ["--outbox-mib", "65537"]],
 )
 def test_argparse_errors_exit_nonzero(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -188,8 +197,8 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ["--port", "-p", "--token", "-t", "--idle-shutdown-hours", "-i",
                  "--resource-sample-interval", "-r", "--log-level", "-l", "--log-file",
                  "--connection-file", "--handshake-socket", "--socket-dir", "--unix-socket",
-                 "--transport", "--busy-poll", "--resource-include-children", "--version", "-V",
-                 "--help"]:
+                 "--transport", "--busy-poll", "--resource-include-children", "--outbox-frames",
+                 "--outbox-mib", "--version", "-V", "--help"]:
         assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", out), flag
 
 
