@@ -14,7 +14,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import re
 import shlex
 import stat
 import sys
@@ -33,6 +32,7 @@ from kallichore_trio.discovery import (
     send_handshake,
     write_connection_file,
 )
+from kallichore_trio.flags import boolean, bounded_int, origin, poll_ms, uint16
 from kallichore_trio.transport.unix import MAX_SOCKET_PATH_BYTES
 
 log = logging.getLogger("kallichore_trio")
@@ -71,75 +71,22 @@ def our_version() -> str:
         return "unknown"
 
 
-def _uint16(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not in 0..65535")
-    return value
-
-
-def _bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"'{text}' is not true or false")
-    return value == "true"
-
-
-def _poll_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number of milliseconds") from None
-    if not 0 <= value <= 100:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"{text} is not in 0..100 ms")
-    return value
-
-
-def _bounded_int(low: int, high: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is not in {low}..{high}")
-        return value
-
-    return parse
-
-
-def _origin(text: str) -> str:
-    """An origin as browsers serialize it in the Origin header: `scheme://host[:port]`,
-    lowercase, no path. `null` (sandboxed and file: pages) is refused: any page can send it."""
-    value = text.strip().lower()
-    scheme, sep, rest = value.partition("://")
-    if (not sep or not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme) or not rest
-            or not rest.isascii() or any(c in rest for c in "/?#@ ")):
-        raise argparse.ArgumentTypeError(
-            f"'{text}' is not an origin; expected scheme://host[:port], e.g. "
-            "http://localhost:3000")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kcserver",
         description="Jupyter kernel supervisor (kallichore-trio), a drop-in for Kallichore.",
     )
     add = parser.add_argument
-    add("-p", "--port", type=_uint16, default=0, metavar="PORT",
+    add("-p", "--port", type=uint16, default=0, metavar="PORT",
         help="TCP port on 127.0.0.1 (default 0: the OS picks one); tcp transport only")
     add("-t", "--token", metavar="PATH|none",
         help="file holding the bearer token (read, then deleted); 'none' disables auth; "
              "default: a random token")
-    add("-i", "--idle-shutdown-hours", type=_uint16, metavar="N",
+    add("-i", "--idle-shutdown-hours", type=uint16, metavar="N",
         help="exit after N hours with no activity (0 = about 30 seconds); default: never")
-    add("-r", "--resource-sample-interval", type=_uint16, default=1000, metavar="MS",
+    add("-r", "--resource-sample-interval", type=uint16, default=1000, metavar="MS",
         help="kernel resource usage sampling interval in ms (0 = off; default 1000)")
-    add("--resource-include-children", type=_bool, default=True, metavar="true|false",
+    add("--resource-include-children", type=boolean, default=True, metavar="true|false",
         help="include the kernel's child processes in resource samples (default true)")
     add("-l", "--log-level", metavar="LEVEL",
         help="trace, debug, info, warn or error (default: $RUST_LOG, else info)")
@@ -162,17 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--transport", metavar="tcp|socket",
         help="API transport (default: socket with --connection-file, --handshake-socket or "
              "--unix-socket, else tcp)")
-    add("--allow-origin", action="append", type=_origin, default=[], metavar="ORIGIN",
+    add("--allow-origin", action="append", type=origin, default=[], metavar="ORIGIN",
         help="let web pages from ORIGIN (scheme://host[:port]) call the API and open channels; "
              "repeatable. Default: none, every request carrying an Origin header is refused")
-    add("--busy-poll", type=_poll_ms, metavar="MS",
+    add("--busy-poll", type=poll_ms, metavar="MS",
         help="keep polling for MS ms after each relayed message instead of letting the CPU "
              "idle: a little lower latency for up to a core of CPU while traffic flows "
              "(default 0 = off)")
-    add("--outbox-frames", type=_bounded_int(100, 10_000_000), metavar="N",
+    add("--outbox-frames", type=bounded_int(100, 10_000_000), metavar="N",
         help="frames each session keeps for its client while it is away or behind (default "
              f"{OutboxLimits().max_frames:,}); statuses and replies may take up to 4x")
-    add("--outbox-mib", type=_bounded_int(1, 65_536), metavar="MIB",
+    add("--outbox-mib", type=bounded_int(1, 65_536), metavar="MIB",
         help="the same bound in MiB of frame text (default "
              f"{OutboxLimits().max_bytes >> 20}); see docs/durability.md")
     add("-V", "--version", action="version",
