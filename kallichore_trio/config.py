@@ -72,9 +72,13 @@ class Timeouts:
 
 @attrs.frozen(kw_only=True)
 class OutboxLimits:
-    """Bounds of each session's outbox (frames waiting for, or kept for, a client)."""
+    """Bounds of each session's outbox (frames waiting for, or kept for, a client).
 
-    max_frames: int = 20_000
+    100,000 frames: a resuming client that falls behind a flooding kernel is told what was
+    shed rather than slowing the kernel, so the bound is what it can fall behind by; small
+    stream frames cost about 475 bytes each here (docs/durability.md, "Bounds")."""
+
+    max_frames: int = 100_000
     max_bytes: int = 64 * 1024 * 1024
 
 

@@ -41,6 +41,9 @@ from kallichore_trio.transport.websocket import ClientConnection, ClientGone, Ws
 log = logging.getLogger(__name__)
 
 EVICTED_REASON = "Another client is connecting to this session."
+#: A client that does not resume holds the kernel back once this far behind (or half the
+#: outbox, if smaller): the figure the relay was tuned with before resuming raised the bound.
+NOT_RESUMING_HIGH_WATER = 10_000
 #: A batch this long is written without lingering for more.
 _LINGER_UNTIL_FRAMES = 64
 
@@ -73,7 +76,7 @@ class ClientChannel:
         self.cursor = resume
         #: Past this many frames in the outbox the kernel's iopub pump waits (wait_caught_up);
         #: never for a resuming client.
-        self.high_water = max(1, config.outbox.max_frames // 2)
+        self.high_water = max(1, min(config.outbox.max_frames // 2, NOT_RESUMING_HIGH_WATER))
         self.evicted = False
         self.done = trio.Event()
         self.pings_sent = 0
