@@ -89,7 +89,6 @@ class ClientChannel:
         self._finished = False
         #: Notices for a client that does not resume, written before the next batch.
         self._notices: list[str] = []
-        self._batch_end = -1  # the number of the last frame of the batch being written
 
     def __repr__(self) -> str:
         return (f"<ClientChannel session={self.host.session_id!r} evicted={self.evicted} "
@@ -188,7 +187,7 @@ class ClientChannel:
         by `_keepalive`, which aborts the connection under a stuck write (a cancel scope
         cannot: Hypercorn shields its writes)."""
         while not self.evicted:
-            batch = self._next_batch()
+            batch, end = self._next_batch()
             if not batch and not self._notices:
                 self._changed = trio.Event()
                 await self._changed.wait()
@@ -198,7 +197,7 @@ class ClientChannel:
                 with trio.move_on_after(self.config.output_linger) as self._linger:
                     await trio.sleep_forever()
                 self._linger = None
-                batch = self._next_batch()
+                batch, end = self._next_batch()
             if self._notices:
                 batch[:0] = self._notices
                 self._notices = []
@@ -210,19 +209,19 @@ class ClientChannel:
             finally:
                 self.write_started = None
             if self.cursor is None:
-                self.outbox.ack(self._batch_end)
+                self.outbox.ack(end)
                 if len(self.outbox) <= self.high_water:
                     self._room.set()
             else:
-                self.cursor = self._batch_end
+                self.cursor = end
 
-    def _next_batch(self) -> list[str]:
-        """The next frames to write (empty: none); the number of the last in `_batch_end`."""
+    def _next_batch(self) -> tuple[list[str], int]:
+        """The next frames to write (empty: none) and the number of the last one they cover
+        (the cursor to move to, or what to release once written)."""
         if self.cursor is not None:
             read = self.outbox.read_after(self.cursor)
-            self._batch_end = read.cursor
-            return [wire.frames_lost_event(item.first, item.last) if isinstance(item, Lost)
-                    else wire.with_seq(*item) for item in read.items]
+            return ([wire.frames_lost_event(item.first, item.last) if isinstance(item, Lost)
+                     else wire.with_seq(*item) for item in read.items], read.cursor)
         batch = self.outbox.read()
         if batch.missed:
             log.warning("session %s: the outbox overflowed; %d frames were dropped",
@@ -231,8 +230,8 @@ class ClientChannel:
             self._notices.append(wire.output_event("stderr", (
                 f"[kallichore-trio] {batch.missed} output frames were dropped while no "
                 "client was reading\n")))
-        self._batch_end = batch.frames[-1][0] if batch.frames else -1
-        return [text for _, text in batch.frames]
+        return ([text for _, text in batch.frames],
+                batch.frames[-1][0] if batch.frames else -1)
 
     async def _reader(self) -> None:
         try:
